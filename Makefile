@@ -1,0 +1,45 @@
+# scaletrain — `make train` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# A pinned torch is installed first: an unpinned one pulls several GB of CUDA wheels.
+TORCH_PIN ?= torch==2.13.0
+CONFIG ?= configs/tiny.yaml
+STAMP  := $(VENV)/.installed
+
+.PHONY: install train test test-slow check lint typecheck golden clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q mpich
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/scaletrain train $(CONFIG)
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) check
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow" tests
+
+# Regenerate the checked-in golden loss curve (only after an intended numerics change).
+golden: $(STAMP)
+	$(PY) -m tests.golden --write
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Tokenizer, document sources and sequence packing."""

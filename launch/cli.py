@@ -1,0 +1,269 @@
+"""The `scaletrain` command line. User mistakes print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from data_pipeline.errors import DataError
+    from launch.environment import LaunchError
+    from model.config import ModelConfigError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config_io import ConfigError
+
+    return (ConfigError, DataError, CheckpointError, ModelConfigError, LaunchError)
+
+
+def _setup_logging(is_main: bool = True) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------- train
+def describe_plan(config_path: str, overrides: list[str]) -> str:
+    """The `--dry-run` report: resolved config, sizes, FLOPs, memory and token budget."""
+    from data_pipeline.tokenizer import Tokenizer
+    from model.flops import flops_per_token, param_counts
+    from trainer.config import load_job_config
+    from trainer.deepspeed_config import build_deepspeed_config
+    from trainer.memory import model_state_memory
+    from trainer.trainer import derive_micro_batch_size
+
+    config = load_job_config(config_path, overrides)
+    if config.model.vocab_size is None:
+        config.model.vocab_size = (
+            Tokenizer.load(config.tokenizer.path).vocab_size
+            if config.tokenizer.path
+            else config.tokenizer.vocab_size
+        )
+    world_size = 1
+    precision = (
+        config.resolved_precision(cuda=False)
+        if config.parallel.precision == "auto"
+        else config.parallel.precision
+    )
+    counts = param_counts(config.model)
+    fpt = flops_per_token(config.model, config.data.seq_len)
+    per_rank = config.global_batch_seqs // world_size
+    micro = config.train.micro_batch_size or derive_micro_batch_size(
+        per_rank, config.train.max_micro_batch_size
+    )
+    tokens = config.train.max_steps * config.train.global_batch_tokens
+    lines = ["# resolved config", config.to_yaml().rstrip(), "", "# plan"]
+    lines.append(
+        f"parameters: total {counts.total:,}  active {counts.active:,}  non-embedding {counts.non_embedding:,}"
+    )
+    lines.append(f"flops_per_token: {fpt:.4g}  (6N + 12*L*H*Q*T at seq_len {config.data.seq_len})")
+    lines.append(
+        f"token_budget: {tokens:,} tokens = {config.train.max_steps:,} steps x {config.train.global_batch_tokens:,}"
+        f"  ({tokens / counts.active:.2f} tokens/param; Chinchilla-optimal ~ {20 * counts.active:,})"
+    )
+    lines.append(f"training_flops: {fpt * tokens:.4g}")
+    lines.append(
+        f"memory per rank, model states ({precision}, world size {world_size}, offload {config.parallel.offload}):"
+    )
+    for stage in range(4):
+        mem = model_state_memory(
+            counts.total, stage, world_size, precision, config.parallel.offload
+        )
+        marker = " <- configured" if stage == config.parallel.zero_stage else ""
+        lines.append(
+            f"  zero-{stage}: {mem.device_bytes / 2**30:8.3f} GiB device "
+            f"(params {mem.params_bytes / 2**30:.3f}, grads {mem.grads_bytes / 2**30:.3f}, "
+            f"optimizer {mem.optimizer_bytes / 2**30:.3f}) + {mem.host_bytes / 2**30:.3f} GiB host{marker}"
+        )
+    ds = build_deepspeed_config(config, micro, per_rank // micro, world_size, precision)
+    lines += ["", "# deepspeed config (world size 1)", json.dumps(ds, indent=2)]
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        print(describe_plan(args.config, args.set))
+        return 0
+    from launch.environment import detect_environment
+    from trainer.config import load_job_config
+    from trainer.distributed import destroy
+    from trainer.trainer import Trainer
+
+    config = load_job_config(args.config, args.set)
+    env = detect_environment()
+    _setup_logging(env.is_main)
+    trainer = Trainer(config, env, fail_at_step=args.fail_at_step)
+    trainer.setup()
+    trainer.fit()
+    if env.is_main and config.train.sample_prompt:
+        _print_sample(
+            str(trainer.checkpoint_root), config.train.sample_prompt, config.train.sample_tokens
+        )
+    destroy()
+    return 0
+
+
+def _print_sample(checkpoint: str, prompt: str, max_new_tokens: int) -> None:
+    from model.generation import generate
+    from trainer.inference import load_checkpoint_model
+
+    loaded = load_checkpoint_model(checkpoint)
+    ids = generate(
+        loaded.model,
+        loaded.tokenizer.encode(prompt),
+        max_new_tokens,
+        eos_id=loaded.tokenizer.eos_id,
+    )
+    print(f"--- sample ({loaded.folder.name}, greedy) ---")
+    print(prompt + loaded.tokenizer.decode(ids))
+    print("---")
+
+
+# ---------------------------------------------------------------------------- other commands
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.sources import SkipCounter, iter_documents
+    from data_pipeline.tokenizer import train_tokenizer
+
+    skips = SkipCounter(strict=False)
+    source = SourceConfig(path=args.input, text_field=args.text_field)
+    tokenizer = train_tokenizer(
+        iter_documents(source, "train", skips), args.vocab_size, args.model_type, args.max_sentences
+    )
+    path = tokenizer.save(args.out)
+    skipped = f", skipped {skips.total()} records {dict(skips.counts)}" if skips.total() else ""
+    print(
+        f"wrote {path} ({tokenizer.vocab_size} pieces, bos={tokenizer.bos_id} eos={tokenizer.eos_id} pad={tokenizer.pad_id}{skipped})"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from model.generation import generate
+    from trainer.inference import load_checkpoint_model
+
+    loaded = load_checkpoint_model(args.checkpoint)
+    prompt_ids = loaded.tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        print("scaletrain: error: --prompt encodes to no tokens", file=sys.stderr)
+        return EXIT_USAGE
+    ids = generate(
+        loaded.model,
+        prompt_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_id=loaded.tokenizer.eos_id,
+        seed=args.seed,
+    )
+    print(args.prompt + loaded.tokenizer.decode(ids))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.inference import evaluate_source, load_checkpoint_model, perplexity
+
+    loaded = load_checkpoint_model(args.checkpoint)
+    loss, tokens = evaluate_source(loaded, args.data, args.split, args.max_sequences)
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(loaded.folder),
+                "data": args.data,
+                "eval_loss": loss,
+                "eval_ppl": perplexity(loss),
+                "tokens": tokens,
+            }
+        )
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaletrain", description="Distributed LLM pretraining.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="pretrain a model from a YAML config")
+    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, sizes, FLOPs, memory and token budget; do not train",
+    )
+    train.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    train.set_defaults(func=cmd_train)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
+    tokenizer_commands = tokenizer.add_subparsers(
+        dest="tokenizer_command", required=True, metavar="ACTION"
+    )
+    tok_train = tokenizer_commands.add_parser("train", help="train a sentencepiece BPE tokenizer")
+    tok_train.add_argument(
+        "--input", required=True, help="file, glob, folder, hf:NAME or builtin:stdlib"
+    )
+    tok_train.add_argument("--vocab-size", type=int, required=True)
+    tok_train.add_argument("--out", required=True, help="output folder (gets tokenizer.model)")
+    tok_train.add_argument(
+        "--text-field", default="text", help="JSON/parquet field holding the text"
+    )
+    tok_train.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok_train.add_argument("--max-sentences", type=int, default=300_000)
+    tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    gen = commands.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument(
+        "checkpoint", help="checkpoint folder, or a run dir (uses its newest checkpoint)"
+    )
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", required=True, help="file, glob, folder, hf:NAME or builtin:stdlib")
+    ev.add_argument("--split", default="validation", choices=["train", "validation"])
+    ev.add_argument("--max-sequences", type=int, default=64)
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_errors() as exc:
+        print(f"scaletrain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except yaml.YAMLError as exc:
+        print(f"scaletrain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The model's own config section: the shape of a Llama-style decoder-only transformer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ModelConfigError(ValueError):
+    """A model shape that cannot be built; the message starts with the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the transformer; `preset` names the registry entry it came from."""
+
+    preset: str | None = None
+    init_from: str | None = None  # "hf:DIR" or a scaletrain checkpoint folder
+    vocab_size: int | None = None  # None: taken from the tokenizer
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (multi-head); 1: multi-query
+    ffn_hidden_dim: int | None = None  # None: Llama rule from dim, multiple_of, ffn_dim_multiplier
+    multiple_of: int = 64
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # Llama-3 style: {"type": "llama3", "factor": ...}
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    init_std: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
+            if getattr(self, key) <= 0:
+                raise ModelConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        if self.dim % self.n_heads:
+            raise ModelConfigError(f"dim: {self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ModelConfigError(
+                f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ModelConfigError(
+                f"dim: head_dim={self.dim // self.n_heads} must be even for RoPE"
+            )
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ModelConfigError(f"vocab_size: must be positive, got {self.vocab_size}")
+        if self.rope_scaling is not None and self.rope_scaling.get("type", "llama3") != "llama3":
+            raise ModelConfigError(
+                f"rope_scaling.type: only 'llama3' is supported, got {self.rope_scaling['type']!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads resolved (never None after __post_init__)."""
+        assert self.n_kv_heads is not None
+        return self.n_kv_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden size: 2/3 of 4*dim, scaled, rounded up to `multiple_of` (Llama rule)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def require_vocab(self) -> int:
+        if self.vocab_size is None:
+            raise ModelConfigError("vocab_size: not set and no tokenizer to take it from")
+        return self.vocab_size

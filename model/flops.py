@@ -1,0 +1,49 @@
+"""Analytic parameter counts and training FLOPs per token (no model needs to be built)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a shape. `active` equals `total` for dense models."""
+
+    total: int
+    embedding: int  # input token embedding (shared with the head when tied)
+    output_head: int  # the untied output projection; 0 when tied
+    active: int
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding - self.output_head
+
+
+def param_counts(config: ModelConfig) -> ParamCounts:
+    """Exact parameter counts of `Transformer(config)`."""
+    vocab, dim, head_dim = config.require_vocab(), config.dim, config.head_dim
+    attention = dim * head_dim * (config.n_heads * 2 + config.kv_heads * 2)
+    if config.qk_norm:
+        attention += 2 * head_dim
+    feed_forward = 3 * dim * config.ffn_dim
+    per_layer = attention + feed_forward + 2 * dim  # two RMSNorm weights
+    embedding = vocab * dim
+    output_head = 0 if config.tie_embeddings else vocab * dim
+    total = embedding + output_head + config.n_layers * per_layer + dim
+    return ParamCounts(total=total, embedding=embedding, output_head=output_head, active=total)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward, by the PaLM formula 6N + 12*L*H*Q*T.
+
+    N counts the parameters that take part in matrix multiplies: every active parameter but the
+    input embedding lookup, plus the output head (which is the embedding matrix when tied).
+    """
+    counts = param_counts(config)
+    matmul_params = (
+        counts.active - counts.embedding - counts.output_head + config.require_vocab() * config.dim
+    )
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return float(6 * matmul_params + attention)

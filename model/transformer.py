@@ -1,0 +1,115 @@
+"""The decoder-only transformer: embeddings, blocks, final norm and the output head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.block import TransformerBlock
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.norm import RMSNorm
+from model.rope import rope_cos_sin
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, optional tied head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        vocab_size = config.require_vocab()
+        self.tok_embeddings = nn.Embedding(vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = (
+            None if config.tie_embeddings else nn.Linear(config.dim, vocab_size, bias=False)
+        )
+        cos, sin = rope_cos_sin(
+            config.max_seq_len, config.head_dim, config.rope_theta, config.rope_scaling
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables (non-persistent buffers) on the parameters' device."""
+        config = self.config
+        cos, sin = rope_cos_sin(
+            config.max_seq_len, config.head_dim, config.rope_theta, config.rope_scaling
+        )
+        device = self.tok_embeddings.weight.device
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer in place, on whatever device they live.
+
+        Residual output projections get std / sqrt(2 * n_layers) so that the variance of the
+        residual stream does not grow with depth (GPT-2 / OLMo scaled init).
+        """
+        config = self.config
+        std = config.init_std
+        out_std = std / math.sqrt(2 * config.n_layers)
+        self.init_rope()
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
+            attn, ffn = layer.attention, layer.feed_forward
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, ffn.gate_proj, ffn.up_proj):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+            nn.init.normal_(attn.o_proj.weight, mean=0.0, std=out_std)
+            nn.init.normal_(ffn.down_proj.weight, mean=0.0, std=out_std)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T); positions (B, T) default to start_pos + arange."""
+        seq = tokens.shape[1]
+        if positions is None:
+            if start_pos + seq > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start_pos + seq} tokens exceeds max_seq_len={self.config.max_seq_len}"
+                )
+            cos = self.rope_cos[start_pos : start_pos + seq]  # (T, D)
+            sin = self.rope_sin[start_pos : start_pos + seq]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, kv_cache, start_pos)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+
+def build_model(
+    config: ModelConfig, device: str | torch.device = "cpu", seed: int = 0
+) -> Transformer:
+    """Build on the meta device, materialise on `device`, then initialise with `seed`.
+
+    Building on meta first means a 70B shape can be constructed and inspected without memory;
+    pass device="meta" to stop there.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.init_weights()
+    return model

@@ -1,0 +1,1 @@
+"""The training loop, its config, checkpoints and the DeepSpeed wiring."""

@@ -1,0 +1,194 @@
+"""The job config: one typed section per component, loaded from YAML with `--set` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data_pipeline.config import DataConfig, TokenizerConfig
+from model.config import ModelConfig
+from model.presets import preset_config
+from trainer.config_io import ConfigError, apply_override, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it is seeded."""
+
+    dir: str = "runs/default"
+    seed: int = 1234
+    name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: batch, schedule, optimiser and cadence of eval and logging."""
+
+    max_steps: int = 1000
+    global_batch_tokens: int = 65536
+    micro_batch_size: int | None = None  # sequences per rank per micro-step; None: derived
+    max_micro_batch_size: int = 8  # cap used when deriving micro_batch_size
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8  # micro-batches per validation split
+    log_every: int = 1
+    progress: bool = True
+    sample_prompt: str | None = "def "
+    sample_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        for key in (
+            "max_steps",
+            "global_batch_tokens",
+            "eval_batches",
+            "log_every",
+            "max_micro_batch_size",
+        ):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size: must be positive, got {self.micro_batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over ranks and which numerics it runs in."""
+
+    zero_stage: int = 0
+    expert_parallel: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload: Literal["none", "cpu"] = "none"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.expert_parallel < 1:
+            raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save, how many to keep, and what to resume from."""
+
+    every: int = 500
+    keep: int = 3  # complete checkpoints kept; 0 keeps all
+    resume: str = "auto"  # auto (latest in run.dir), none, or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every: must be >= 0 (0 saves only at the end), got {self.every}")
+        if self.keep < 0:
+            raise ValueError(f"keep: must be >= 0, got {self.keep}")
+
+
+@dataclass
+class JobConfig:
+    """Everything one `scaletrain train` run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        if self.train.global_batch_tokens % self.data.seq_len:
+            raise ConfigError(
+                f"train.global_batch_tokens: {self.train.global_batch_tokens} is not a multiple "
+                f"of data.seq_len={self.data.seq_len}"
+            )
+
+    @property
+    def global_batch_seqs(self) -> int:
+        return self.train.global_batch_tokens // self.data.seq_len
+
+    def resolved_precision(self, cuda: bool) -> str:
+        if self.parallel.precision == "auto":
+            return "bf16" if cuda else "fp32"
+        return self.parallel.precision
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _expand_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `model:` section with `preset: NAME` becomes the preset's fields overlaid by the rest."""
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("preset"):
+        try:
+            base = preset_config(str(model["preset"]))
+        except ValueError as exc:
+            raise ConfigError(f"model.{exc}") from None
+        raw = {**raw, "model": {**base, **model}}
+    return raw
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def job_config_from_dict(raw: dict[str, Any], where: str = "") -> JobConfig:
+    """Build and validate a JobConfig from a nested mapping."""
+    try:
+        return from_dict(JobConfig, _expand_model_preset(raw))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `--set` overrides."""
+    raw = load_yaml(path) if path is not None else {}
+    if overrides:
+        # Overrides may address keys the file leaves at their defaults (data.train.0.weight),
+        # so they apply to the defaults merged with the file. `model` stays as written so that
+        # its preset is expanded afterwards.
+        defaults = JobConfig().to_dict()
+        defaults.pop("model")
+        raw = _merge(defaults, raw)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return job_config_from_dict(raw, where=str(path) if path is not None else "")
+
+
+def write_config(config: JobConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again by load_job_config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(config.to_yaml())

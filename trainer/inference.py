@@ -1,0 +1,89 @@
+"""Loading a checkpoint's consolidated weights for generation, evaluation and export."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.packing import build_packed_sequences
+from data_pipeline.sources import SkipCounter
+from data_pipeline.tokenizer import Tokenizer
+from model import build_model
+from model.transformer import Transformer
+from trainer import checkpoint as ckpt
+from trainer.config import JobConfig, load_job_config
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: JobConfig
+    folder: Path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run dir / checkpoints dir (then its newest complete one)."""
+    path = Path(path)
+    if (path / ckpt.MANIFEST).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = ckpt.find_resume_checkpoint(root)
+        if found is not None:
+            return found
+    raise ckpt.CheckpointError(f"{path}: no complete checkpoint found")
+
+
+def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
+    """Verify a checkpoint and build its model from model.safetensors (any ZeRO stage or world size)."""
+    folder = resolve_checkpoint(path)
+    ckpt.verify_checkpoint(folder)
+    config = load_job_config(folder / "config.yaml")
+    model = build_model(config.model, "meta")
+    model.to_empty(device=device)
+    model.load_state_dict(load_file(folder / "model.safetensors", device=device), strict=True)
+    model.init_rope()
+    model.float().eval()
+    return LoadedCheckpoint(model, Tokenizer.load(folder), config, folder)
+
+
+@torch.no_grad()
+def evaluate_source(
+    loaded: LoadedCheckpoint, source: str, split: str, max_sequences: int, batch_size: int = 8
+) -> tuple[float, int]:
+    """Mean loss per token of `loaded.model` on up to `max_sequences` packed sequences of `source`."""
+    data_config = DataConfig(
+        seq_len=loaded.config.data.seq_len,
+        builtin_validation_percent=loaded.config.data.builtin_validation_percent,
+    )
+    stream = build_packed_sequences(
+        [SourceConfig(path=source)],
+        split,
+        loaded.tokenizer,
+        data_config,
+        SkipCounter(False),
+        loop=False,
+    )
+    sequences = [s for _, s in zip(range(max_sequences), stream, strict=False)]
+    if not sequences:
+        raise ckpt.CheckpointError(
+            f"{source}: no sequence of {data_config.seq_len} tokens to evaluate"
+        )
+    loss_sum, tokens = 0.0, 0
+    for chunk in torch.stack(sequences).split(batch_size):
+        logits = loaded.model(chunk[:, :-1])
+        loss_sum += F.cross_entropy(
+            logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
+        tokens += chunk[:, 1:].numel()
+    return loss_sum / tokens, tokens
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,64 @@
+"""AdamW with decay only on matrices, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Two groups: weight matrices decay; norms, biases and embeddings do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() < 2 or "embeddings" in name or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        foreach=False,
+    )
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Factor on the peak lr for optimizer step `step` (0-based): warmup, then the schedule."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    min_ratio = config.min_lr_ratio
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "wsd":
+        decay_steps = max(1, round(config.decay_fraction * config.max_steps))
+        decay_start = max(config.warmup_steps, config.max_steps - decay_steps)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, config.max_steps - decay_start))
+        return 1.0 - (1.0 - min_ratio) * progress
+    progress = min(
+        1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    )
+    if config.schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))

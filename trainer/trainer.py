@@ -1,0 +1,442 @@
+"""The Trainer: owns setup, the loop, evaluation, checkpointing and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from data_pipeline.errors import DataError
+from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences
+from data_pipeline.sources import SkipCounter, iter_documents
+from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from model import build_model
+from model.flops import flops_per_token
+from model.transformer import Transformer
+from trainer import checkpoint as ckpt
+from trainer.config import JobConfig, write_config
+from trainer.config_io import ConfigError
+from trainer.deepspeed_config import build_deepspeed_config
+from trainer.distributed import DistEnv, all_reduce_sum, barrier, deepspeed, init_distributed
+from trainer.hardware import current_device_peak_flops
+from trainer.metrics import MetricsLogger
+from trainer.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derive_micro_batch_size(per_rank_seqs: int, cap: int) -> int:
+    """The largest micro-batch <= cap that divides this rank's share of the global batch."""
+    for size in range(min(cap, per_rank_seqs), 0, -1):
+        if per_rank_seqs % size == 0:
+            return size
+    return 1
+
+
+def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokenizer:
+    """The run's tokenizer: reuse the run's copy, load `tokenizer.path`, or train one on rank 0."""
+    target = run_dir / "tokenizer" / TOKENIZER_FILE
+    if env.is_main and not target.is_file():
+        if config.tokenizer.path:
+            tokenizer = Tokenizer.load(config.tokenizer.path)
+        else:
+            logger.info("training a %d-piece tokenizer on data.train", config.tokenizer.vocab_size)
+            skips = SkipCounter(strict=False)
+            texts = (
+                text
+                for source in config.data.train
+                for text in iter_documents(
+                    source,
+                    "train",
+                    skips,
+                    validation_percent=config.data.builtin_validation_percent,
+                )
+            )
+            tokenizer = train_tokenizer(
+                texts,
+                config.tokenizer.vocab_size,
+                config.tokenizer.model_type,
+                config.tokenizer.train_max_sentences,
+                config.tokenizer.train_max_sentence_length,
+            )
+        tokenizer.save(target.parent)
+    barrier()
+    return Tokenizer.load(target)
+
+
+class Trainer:
+    """Pretraining through the DeepSpeed engine; one instance per process."""
+
+    def __init__(self, config: JobConfig, env: DistEnv, fail_at_step: int | None = None) -> None:
+        self.config = config
+        self.env = env
+        self.run_dir = Path(config.run.dir)
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        self.step = 0
+        self.tokens_seen = 0
+        self.skips = SkipCounter(strict=config.data.strict)
+        self._fail_at_step = fail_at_step  # test hook: exit hard after this step
+        self._eval_sets: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        config, env = self.config, self.env
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+        self.precision = config.resolved_precision(cuda)
+        config.parallel.precision = self.precision  # type: ignore[assignment]
+        init_distributed(env, config.parallel.backend)
+        seed_everything(config.run.seed)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_temporaries(self.checkpoint_root)
+        barrier()
+
+        self.tokenizer = prepare_tokenizer(config, self.run_dir, env)
+        if config.model.vocab_size is None:
+            config.model.vocab_size = self.tokenizer.vocab_size
+        elif config.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} pieces"
+            )
+        if env.is_main:
+            write_config(config, self.run_dir / "config.yaml")
+
+        self.model = build_model(config.model, self.device, seed=config.run.seed)
+        if config.model.init_from:
+            load_weights(self.model, config.model.init_from)
+        self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
+
+        per_rank = config.global_batch_seqs // env.world_size
+        if config.global_batch_seqs % env.world_size:
+            raise ConfigError(
+                f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not "
+                f"split over {env.world_size} ranks"
+            )
+        micro = config.train.micro_batch_size or derive_micro_batch_size(
+            per_rank, config.train.max_micro_batch_size
+        )
+        if per_rank % micro:
+            raise ConfigError(
+                f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences per rank"
+            )
+        self.micro_batch_size = micro
+        self.accumulation_steps = per_rank // micro
+        self.ds_config = build_deepspeed_config(
+            config, micro, self.accumulation_steps, env.world_size, self.precision
+        )
+        optimizer = build_optimizer(self.model, config.train)
+        scheduler = build_scheduler(optimizer, config.train)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+
+        sequences = build_packed_sequences(
+            config.data.train, "train", self.tokenizer, config.data, self.skips, loop=True
+        )
+        self.loader = GlobalBatchLoader(
+            sequences, config.global_batch_seqs, micro, env.rank, env.world_size
+        )
+        self.peak_flops = current_device_peak_flops()
+        self._maybe_resume()
+
+    # ---------------------------------------------------------------- the step
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def train_step(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, float]:
+        """Forward, backward, clip and step over one global batch; returns loss and grad norm."""
+        loss_sum = 0.0
+        grad_norm: float | None = None
+        lr = self.optimizer.param_groups[0]["lr"]
+        for inputs, labels in micro_batches:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            loss = self.loss_fn(self.engine(inputs), labels)
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+            loss_sum += loss.item()
+        reported = self.engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = float(reported)
+        (global_loss,) = all_reduce_sum([loss_sum / len(micro_batches)], self.device)
+        return {
+            "loss": global_loss / self.env.world_size,
+            "lr": lr,
+            "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+        }
+
+    def _grad_norm_before_step(self) -> float | None:
+        """At ZeRO-0 in fp32 DeepSpeed reports no norm; there, grads are whole and local."""
+        if self.config.parallel.zero_stage != 0 or self.precision != "fp32":
+            return None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads).item()) if grads else 0.0
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> None:
+        """Train until train.max_steps, evaluating and checkpointing on schedule."""
+        config, env = self.config, self.env
+        metrics = MetricsLogger(self.run_dir, resume_step=self.step) if env.is_main else None
+        tokens_per_step = config.train.global_batch_tokens
+        progress = tqdm(
+            total=config.train.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (env.is_main and config.train.progress),
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        self.engine.train()
+        try:
+            if self.step == 0 and config.train.eval_every > 0:
+                self._evaluate_and_log(metrics, progress)
+            while self.step < config.train.max_steps:
+                started = time.perf_counter()
+                batch = self.loader.next_batch()
+                data_s = time.perf_counter() - started
+                result = self.train_step(batch)
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                tokens_per_s = tokens_per_step / elapsed
+                record = {
+                    "step": self.step,
+                    "loss": result["loss"],
+                    "lr": result["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": self._mfu(tokens_per_s),
+                    "mem_gb": self._memory_gb(),
+                    "data_wait_fraction": data_s / elapsed,
+                    "skipped_records": self.skips.total(),
+                }
+                if metrics is not None and self.step % config.train.log_every == 0:
+                    metrics.log(record)
+                progress.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.update(1)
+                if not math.isfinite(result["loss"]):
+                    raise RuntimeError(f"loss is {result['loss']} at step {self.step}")
+                if config.train.eval_every > 0 and self.step % config.train.eval_every == 0:
+                    self._evaluate_and_log(metrics, progress)
+                if config.checkpoint.every > 0 and self.step % config.checkpoint.every == 0:
+                    self.save_checkpoint()
+                if self._fail_at_step is not None and self.step == self._fail_at_step:
+                    os._exit(17)  # simulated crash for resume tests: no cleanup, no final save
+            if config.train.eval_every > 0 and self.step % config.train.eval_every != 0:
+                self._evaluate_and_log(metrics, progress)
+            if not self._saved(self.step):
+                self.save_checkpoint()
+        finally:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if self.peak_flops is None:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)
+
+    def _memory_gb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 1e9
+        return float(psutil.Process().memory_info().rss) / 1e9
+
+    # ---------------------------------------------------------------- eval
+    def _eval_batches(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """This rank's share of fixed validation sequences, per validation source (cached)."""
+        if self._eval_sets is None:
+            config = self.config
+            wanted = config.train.eval_batches * self.micro_batch_size * self.env.world_size
+            self._eval_sets = {}
+            for source in config.data.validation:
+                stream = build_packed_sequences(
+                    [source],
+                    "validation",
+                    self.tokenizer,
+                    config.data,
+                    SkipCounter(config.data.strict),
+                    loop=False,
+                )
+                sequences = [s for _, s in zip(range(wanted), stream, strict=False)]
+                if not sequences:
+                    raise DataError(
+                        f"{source.path}: validation split yields no sequence of {config.data.seq_len} tokens"
+                    )
+                per_rank = max(1, len(sequences) // self.env.world_size)
+                mine = sequences[self.env.rank * per_rank : (self.env.rank + 1) * per_rank]
+                stacked = (
+                    torch.stack(mine)
+                    if mine
+                    else torch.empty(0, config.data.seq_len + 1, dtype=torch.long)
+                )
+                self._eval_sets[source.label] = [
+                    (chunk[:, :-1], chunk[:, 1:]) for chunk in stacked.split(self.micro_batch_size)
+                ]
+        return self._eval_sets
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss per split (token-weighted over all ranks)."""
+        self.engine.eval()
+        results = {}
+        for split, batches in self._eval_batches().items():
+            loss_sum, tokens = 0.0, 0
+            for inputs, labels in batches:
+                logits = self.engine(inputs.to(self.device))
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), labels.to(self.device).flatten(), reduction="sum"
+                )
+                loss_sum += loss.item()
+                tokens += labels.numel()
+            loss_sum, token_total = all_reduce_sum([loss_sum, float(tokens)], self.device)
+            results[split] = loss_sum / token_total
+        self.engine.train()
+        return results
+
+    def _evaluate_and_log(self, metrics: MetricsLogger | None, progress: tqdm) -> None:
+        for split, loss in self.evaluate().items():
+            record = {
+                "step": self.step,
+                "eval_loss": loss,
+                "eval_ppl": math.exp(min(loss, 50.0)),
+                "split": split,
+            }
+            if metrics is not None:
+                metrics.log(record, prefix=f"eval/{split}")
+            if self.env.is_main:
+                progress.write(
+                    f"step {self.step}: eval {split} loss {loss:.4f} ppl {record['eval_ppl']:.2f}"
+                )
+
+    # ---------------------------------------------------------------- checkpoints
+    def _saved(self, step: int) -> bool:
+        return (self.checkpoint_root / ckpt.step_dir_name(step) / ckpt.MANIFEST).is_file()
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.loader.state_dict(),
+            "skipped_records": dict(self.skips.counts),
+            "world_size": self.env.world_size,
+            "zero_stage": self.config.parallel.zero_stage,
+            "precision": self.precision,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Save every piece of state; visible only once complete (all ranks must call)."""
+        name = ckpt.step_dir_name(self.step)
+        tmp = self.checkpoint_root / f"{ckpt.TMP_PREFIX}{name}"
+        if self.env.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        barrier()
+        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        weights = self._consolidated_state_dict()
+        torch.save(ckpt.capture_rng_state(), tmp / "rng" / f"rank_{self.env.rank:05d}.pt")
+        barrier()
+        final = self.checkpoint_root / name
+        if self.env.is_main:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                tmp / "model.safetensors",
+            )
+            (tmp / "trainer_state.json").write_text(json.dumps(self.trainer_state(), indent=1))
+            write_config(self.config, tmp / "config.yaml")
+            self.tokenizer.save(tmp)
+            ckpt.write_manifest(
+                tmp,
+                {
+                    "step": self.step,
+                    "world_size": self.env.world_size,
+                    "zero_stage": self.config.parallel.zero_stage,
+                    "tokenizer_sha256": self.tokenizer.sha256,
+                    "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+                },
+            )
+            final = ckpt.publish(tmp, self.checkpoint_root, self.step, self.config.checkpoint.keep)
+            logger.info("saved checkpoint %s", final)
+        barrier()
+        return final
+
+    def _consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.config.parallel.zero_stage == 3:
+            return dict(self.engine._zero3_consolidated_16bit_state_dict())
+        return dict(self.engine.module.state_dict())
+
+    def _maybe_resume(self) -> None:
+        mode = self.config.checkpoint.resume
+        if mode == "none":
+            return
+        folder = ckpt.find_resume_checkpoint(self.checkpoint_root) if mode == "auto" else Path(mode)
+        if folder is None:
+            return
+        ckpt.verify_checkpoint(folder)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        load_path, _ = self.engine.load_checkpoint(
+            str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ckpt.CheckpointError(f"{folder / 'deepspeed'}: DeepSpeed could not load it")
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.loader.load_state_dict(state["data"])
+        self.skips.counts.update(state.get("skipped_records", {}))
+        rng_file = folder / "rng" / f"rank_{self.env.rank:05d}.pt"
+        if not rng_file.is_file():
+            rng_file = folder / "rng" / "rank_00000.pt"
+        ckpt.restore_rng_state(ckpt.safe_torch_load(rng_file))
+        if self.env.is_main:
+            logger.info("resumed from %s at step %d", folder, self.step)
+
+
+def load_weights(model: Transformer, source: str) -> None:
+    """Copy weights into `model` from a scaletrain checkpoint folder (`init_from`)."""
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    weights_file = path / "model.safetensors" if path.is_dir() else path
+    if not weights_file.is_file():
+        raise ConfigError(f"model.init_from: {source}: no model.safetensors found")
+    state = load_file(weights_file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.init_from: {source}: weights do not fit the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+TrainerFactory = Callable[[JobConfig, DistEnv], Trainer]
