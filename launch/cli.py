@@ -34,14 +34,14 @@ def _setup_logging(is_main: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------- train
-def describe_plan(config_path: str, overrides: list[str]) -> str:
+def describe_plan(config_path: str, overrides: list[str], world_size: int = 1) -> str:
     """The `--dry-run` report: resolved config, sizes, FLOPs, memory and token budget."""
     from data_pipeline.tokenizer import Tokenizer
     from model.flops import flops_per_token, param_counts
     from trainer.config import load_job_config
     from trainer.deepspeed_config import build_deepspeed_config
     from trainer.memory import model_state_memory
-    from trainer.trainer import derive_micro_batch_size
+    from trainer.trainer import batch_split
 
     config = load_job_config(config_path, overrides)
     if config.model.vocab_size is None:
@@ -50,7 +50,7 @@ def describe_plan(config_path: str, overrides: list[str]) -> str:
             if config.tokenizer.path
             else config.tokenizer.vocab_size
         )
-    world_size = 1
+    micro, accumulation_steps = batch_split(config, world_size)
     precision = (
         config.resolved_precision(cuda=False)
         if config.parallel.precision == "auto"
@@ -58,10 +58,6 @@ def describe_plan(config_path: str, overrides: list[str]) -> str:
     )
     counts = param_counts(config.model)
     fpt = flops_per_token(config.model, config.data.seq_len)
-    per_rank = config.global_batch_seqs // world_size
-    micro = config.train.micro_batch_size or derive_micro_batch_size(
-        per_rank, config.train.max_micro_batch_size
-    )
     tokens = config.train.max_steps * config.train.global_batch_tokens
     lines = ["# resolved config", config.to_yaml().rstrip(), "", "# plan"]
     lines.append(
@@ -86,14 +82,14 @@ def describe_plan(config_path: str, overrides: list[str]) -> str:
             f"(params {mem.params_bytes / 2**30:.3f}, grads {mem.grads_bytes / 2**30:.3f}, "
             f"optimizer {mem.optimizer_bytes / 2**30:.3f}) + {mem.host_bytes / 2**30:.3f} GiB host{marker}"
         )
-    ds = build_deepspeed_config(config, micro, per_rank // micro, world_size, precision)
-    lines += ["", "# deepspeed config (world size 1)", json.dumps(ds, indent=2)]
+    ds = build_deepspeed_config(config, micro, accumulation_steps, world_size, precision)
+    lines += ["", f"# deepspeed config (world size {world_size})", json.dumps(ds, indent=2)]
     return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
-        print(describe_plan(args.config, args.set))
+        print(describe_plan(args.config, args.set, args.world_size))
         return 0
     from launch.environment import detect_environment
     from trainer.config import load_job_config
@@ -190,6 +186,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launch.slurm import SlurmJob, sbatch_script
+    from trainer.config import load_job_config
+    from trainer.config_io import ConfigError
+
+    config = load_job_config(args.config, args.set)  # fail now, not on the cluster
+    world_size = args.nodes * args.gpus_per_node
+    if config.global_batch_seqs % world_size:
+        raise ConfigError(
+            f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not split over "
+            f"{world_size} ranks ({args.nodes} nodes x {args.gpus_per_node} GPUs)"
+        )
+    try:
+        job = SlurmJob(
+            config=args.config,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            job_name=args.job_name,
+            time=args.time,
+            partition=args.partition,
+            account=args.account,
+            cpus_per_task=args.cpus_per_task,
+            port=args.port,
+            max_restarts=args.max_restarts,
+            overrides=tuple(args.set),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = Path(args.out or f"{Path(args.config).stem}.sbatch")
+    out.write_text(sbatch_script(job))
+    print(
+        f"wrote {out}: {args.nodes} nodes x {args.gpus_per_node} GPUs; submit with `sbatch {out}`"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaletrain", description="Distributed LLM pretraining.")
@@ -208,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the resolved config, sizes, FLOPs, memory and token budget; do not train",
+    )
+    train.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="with --dry-run: the number of ranks to plan memory and batches for",
     )
     train.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
@@ -246,6 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="validation", choices=["train", "validation"])
     ev.add_argument("--max-sequences", type=int, default=64)
     ev.set_defaults(func=cmd_eval)
+
+    launch = commands.add_parser("launch", help="write launcher scripts for clusters")
+    launchers = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
+    slurm = launchers.add_parser("slurm", help="write an sbatch script that runs srun torchrun")
+    slurm.add_argument("config")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True)
+    slurm.add_argument("--out", default=None, help="script path (default: CONFIG_STEM.sbatch)")
+    slurm.add_argument("--job-name", default="scaletrain")
+    slurm.add_argument("--time", default="24:00:00")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--cpus-per-task", type=int, default=16)
+    slurm.add_argument(
+        "--port", type=int, default=29500, help="c10d rendezvous port on the head node"
+    )
+    slurm.add_argument(
+        "--max-restarts", type=int, default=3, help="torchrun restarts after a failure"
+    )
+    slurm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    slurm.set_defaults(func=cmd_launch_slurm)
     return parser
 
 

@@ -25,7 +25,7 @@ def write(tmp_path: Path, data: object) -> Path:
 def test_presets_and_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, {"model": {"preset": "tiny", "n_layers": 3}, "train": {"lr": 1e-3}})
     config = load_job_config(path, ["train.lr=5e-4", "data.train.0.weight=2", "run.seed=9"])
-    assert config.model.dim == 256 and config.model.n_layers == 3 and config.model.preset == "tiny"
+    assert config.model.dim == 128 and config.model.n_layers == 3 and config.model.preset == "tiny"
     assert config.train.lr == pytest.approx(5e-4)
     assert config.data.train[0].weight == 2.0
     assert config.run.seed == 9

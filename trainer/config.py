@@ -81,12 +81,28 @@ class ParallelConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload: Literal["none", "cpu"] = "none"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_every: int = 2  # selective: recompute every k-th block
+    compile: bool = False  # torch.compile each block (CUDA only)
+    overlap_comm: bool | None = None  # None: on with CUDA, off on CPU
+    reduce_bucket_size: int = 50_000_000  # elements
+    allgather_bucket_size: int = 50_000_000  # elements
+    init_timeout_s: float = 300.0  # collectives until the first step ends (setup, loading)
+    step_timeout_s: float = 100.0  # collectives afterwards: a stalled rank fails the job
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
+        for key in ("init_timeout_s", "step_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from trainer.config import JobConfig
 
 
@@ -15,13 +17,20 @@ def build_deepspeed_config(
     precision: str,
 ) -> dict[str, Any]:
     """DeepSpeed's config dict for this job on `world_size` ranks."""
+    parallel = config.parallel
+    overlap = (
+        parallel.overlap_comm if parallel.overlap_comm is not None else torch.cuda.is_available()
+    )
     zero: dict[str, Any] = {
-        "stage": config.parallel.zero_stage,
-        "overlap_comm": False,
+        "stage": parallel.zero_stage,
+        "overlap_comm": overlap,
         "contiguous_gradients": True,
-        "reduce_bucket_size": 50_000_000,
-        "allgather_bucket_size": 50_000_000,
+        "reduce_bucket_size": parallel.reduce_bucket_size,
+        "allgather_bucket_size": parallel.allgather_bucket_size,
     }
+    if parallel.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = parallel.allgather_bucket_size
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     if config.parallel.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         if config.parallel.zero_stage == 3:

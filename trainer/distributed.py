@@ -87,3 +87,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Shorten the timeout of collectives once setup is over, so a stalled rank fails the job."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s))

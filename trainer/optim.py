@@ -26,14 +26,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        foreach=False,
-    )
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW; with ZeRO CPU offload, DeepSpeed's vectorised CPU Adam (AdamW mode), as it requires."""
+    groups = param_groups(model, config.weight_decay)
+    betas = (config.beta1, config.beta2)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=config.lr, betas=betas, eps=config.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, foreach=False)
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:

@@ -31,10 +31,18 @@ from trainer import checkpoint as ckpt
 from trainer.config import JobConfig, write_config
 from trainer.config_io import ConfigError
 from trainer.deepspeed_config import build_deepspeed_config
-from trainer.distributed import DistEnv, all_reduce_sum, barrier, deepspeed, init_distributed
+from trainer.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    deepspeed,
+    init_distributed,
+    set_collective_timeout,
+)
 from trainer.hardware import current_device_peak_flops
 from trainer.metrics import MetricsLogger
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallelize import parallelize
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +92,24 @@ def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokeniz
     return Tokenizer.load(target)
 
 
+def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) that make up the global batch on `world_size` ranks."""
+    if config.global_batch_seqs % world_size:
+        raise ConfigError(
+            f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not "
+            f"split over {world_size} ranks"
+        )
+    per_rank = config.global_batch_seqs // world_size
+    micro = config.train.micro_batch_size or derive_micro_batch_size(
+        per_rank, config.train.max_micro_batch_size
+    )
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences per rank"
+        )
+    return micro, per_rank // micro
+
+
 class Trainer:
     """Pretraining through the DeepSpeed engine; one instance per process."""
 
@@ -101,11 +127,18 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         config, env = self.config, self.env
+        self.micro_batch_size, self.accumulation_steps = batch_split(config, env.world_size)
+        micro = self.micro_batch_size
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
         self.precision = config.resolved_precision(cuda)
+        if self.precision == "fp16" and not cuda:
+            raise ConfigError(
+                "parallel.precision: fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16); "
+                "use bf16 or fp32"
+            )
         config.parallel.precision = self.precision  # type: ignore[assignment]
-        init_distributed(env, config.parallel.backend)
+        init_distributed(env, config.parallel.backend, timeout_s=config.parallel.init_timeout_s)
         seed_everything(config.run.seed)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,27 +159,15 @@ class Trainer:
         self.model = build_model(config.model, self.device, seed=config.run.seed)
         if config.model.init_from:
             load_weights(self.model, config.model.init_from)
+        parallelize(self.model, config.parallel)
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
 
-        per_rank = config.global_batch_seqs // env.world_size
-        if config.global_batch_seqs % env.world_size:
-            raise ConfigError(
-                f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not "
-                f"split over {env.world_size} ranks"
-            )
-        micro = config.train.micro_batch_size or derive_micro_batch_size(
-            per_rank, config.train.max_micro_batch_size
-        )
-        if per_rank % micro:
-            raise ConfigError(
-                f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences per rank"
-            )
-        self.micro_batch_size = micro
-        self.accumulation_steps = per_rank // micro
         self.ds_config = build_deepspeed_config(
             config, micro, self.accumulation_steps, env.world_size, self.precision
         )
-        optimizer = build_optimizer(self.model, config.train)
+        optimizer = build_optimizer(
+            self.model, config.train, offload=config.parallel.offload == "cpu"
+        )
         scheduler = build_scheduler(optimizer, config.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model,
@@ -217,6 +238,7 @@ class Trainer:
             mininterval=0.5,
         )
         self.engine.train()
+        first_step = self.step
         try:
             if self.step == 0 and config.train.eval_every > 0:
                 self._evaluate_and_log(metrics, progress)
@@ -228,6 +250,8 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 self.step += 1
                 self.tokens_seen += tokens_per_step
+                if self.step == first_step + 1:
+                    set_collective_timeout(config.parallel.step_timeout_s)
                 tokens_per_s = tokens_per_step / elapsed
                 record = {
                     "step": self.step,
@@ -240,6 +264,7 @@ class Trainer:
                     "mem_gb": self._memory_gb(),
                     "data_wait_fraction": data_s / elapsed,
                     "skipped_records": self.skips.total(),
+                    "skipped_steps": int(self.engine.skipped_steps),
                 }
                 if metrics is not None and self.step % config.train.log_every == 0:
                     metrics.log(record)
@@ -393,7 +418,9 @@ class Trainer:
 
     def _consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         if self.config.parallel.zero_stage == 3:
-            return dict(self.engine._zero3_consolidated_16bit_state_dict())
+            # A collective: every rank gathers, only rank 0 receives the full dict.
+            gathered = self.engine._zero3_consolidated_16bit_state_dict()
+            return dict(gathered) if gathered is not None else {}
         return dict(self.engine.module.state_dict())
 
     def _maybe_resume(self) -> None:
