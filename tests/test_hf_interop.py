@@ -1,0 +1,168 @@
+"""Ours vs theirs: every supported Hugging Face family, both directions, logits compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from model.generation import generate  # noqa: E402
+from model.hf import HFFolder, HFFormatError, load_hf_model, save_model_as_hf  # noqa: E402
+
+VOCAB = 256
+SEQ = 24
+COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA everywhere
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # small, so all three frequency bands occur
+}
+
+# name -> (config class, model class, extra config keys)
+CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-tied-mqa": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"tie_word_embeddings": True, "num_key_value_heads": 1},
+    ),
+    "llama3-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+    "llama-bias-head-dim": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"attention_bias": True, "head_dim": 32},
+    ),
+    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),
+    "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3-qk-norm": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    "qwen3-sliding": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0},
+    ),
+}
+
+
+def hf_model(case: str, seed: int = 0) -> Any:
+    config_cls, model_cls, extra = CASES[case]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    config._attn_implementation = "eager"  # the reference path, no fused kernels
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():
+        # Random init leaves biases and norm weights at 0/1; perturb them so they are tested.
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def tokens(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_matches_transformers(case: str, tmp_path: Path) -> None:
+    theirs = hf_model(case)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(HFFolder(tmp_path / "hf"))
+    batch = tokens()
+    with torch.no_grad():
+        expected = theirs(batch).logits
+        got = ours(batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_loads_in_transformers_and_matches(case: str, tmp_path: Path) -> None:
+    theirs = hf_model(case, seed=2)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(HFFolder(tmp_path / "hf"))
+    architecture = CASES[case][1]
+    family = save_model_as_hf(ours, tmp_path / "export", architecture)
+    assert family.architecture == architecture
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "export", attn_implementation="eager"
+    ).eval()
+    assert type(reloaded).__name__ == architecture
+    batch = tokens(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch).logits, ours(batch), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded(batch).logits, theirs(batch).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral-sliding", "qwen2-bias", "qwen3-qk-norm"])
+def test_greedy_generation_is_identical(case: str, tmp_path: Path) -> None:
+    theirs = hf_model(case, seed=4)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(HFFolder(tmp_path / "hf"))
+    prompt = tokens(batch=1, seq=6, seed=5)[0].tolist()
+    new_tokens = 20  # past the Mistral window of 7: the cache path must slide too
+    ours_ids = generate(ours, prompt, max_new_tokens=new_tokens)
+    with torch.no_grad():
+        theirs_ids = theirs.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    assert ours_ids == theirs_ids
+
+
+def test_sharded_export_round_trips(tmp_path: Path) -> None:
+    theirs = hf_model("llama", seed=6)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(HFFolder(tmp_path / "hf"))
+    save_model_as_hf(ours, tmp_path / "export", max_shard_bytes=64 * 1024)
+    index = json.loads((tmp_path / "export" / "model.safetensors.index.json").read_text())
+    shard_files = sorted(set(index["weight_map"].values()))
+    assert len(shard_files) > 3 and not (tmp_path / "export" / "model.safetensors").exists()
+    assert len(index["weight_map"]) == len(ours.state_dict())
+    again = load_hf_model(HFFolder(tmp_path / "export"))  # our reader, sharded
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    batch = tokens(seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), ours(batch), atol=0, rtol=0)
+        torch.testing.assert_close(reloaded(batch).logits, ours(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_and_broken_folders_are_one_line_errors(tmp_path: Path) -> None:
+    theirs = hf_model("llama")
+    theirs.save_pretrained(tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+
+    config_path.write_text(
+        json.dumps({**config, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral"})
+    )
+    with pytest.raises(HFFormatError, match=r"MixtralForCausalLM.*not supported"):
+        HFFolder(tmp_path / "hf")
+
+    config_path.write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(HFFormatError, match=r"mlp\.\w+_proj\.weight.* has shape"):
+        load_hf_model(HFFolder(tmp_path / "hf"))
+
+    config_path.write_text(json.dumps(config))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(HFFormatError, match=r"model\.safetensors: missing"):
+        HFFolder(tmp_path / "hf")
+    with pytest.raises(HFFormatError, match=r"config\.json: missing"):
+        HFFolder(tmp_path)
