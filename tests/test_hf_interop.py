@@ -166,3 +166,134 @@ def test_unsupported_and_broken_folders_are_one_line_errors(tmp_path: Path) -> N
         HFFolder(tmp_path / "hf")
     with pytest.raises(HFFormatError, match=r"config\.json: missing"):
         HFFolder(tmp_path)
+
+
+# ---------------------------------------------------------------------------- checkpoints + CLI
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """A real 2-step scaletrain run (subprocess, like `scaletrain train`)."""
+    from tests.helpers import small_config
+    from tests.test_training import train_in_subprocess
+
+    tmp_path = tmp_path_factory.mktemp("trained")
+    config = small_config(tmp_path / "run", corpus, train={"max_steps": 2, "eval_every": 0})
+    result = train_in_subprocess(config, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp_path / "run"
+
+
+def test_export_of_a_training_checkpoint_loads_in_transformers(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    from launch.cli import main
+    from trainer.inference import load_checkpoint_model
+
+    out = tmp_path / "export"
+    assert main(["export", str(trained_run), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.model"} <= {
+        p.name for p in out.iterdir()
+    }
+    loaded = load_checkpoint_model(trained_run)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    ids = loaded.tokenizer.encode("def compute_value(items):\n    return items + 1\n")
+    batch = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(batch).logits, loaded.model(batch), atol=1e-5, rtol=1e-5)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == loaded.tokenizer.eos_id
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer.eos_token_id == loaded.tokenizer.eos_id
+    assert hf_tokenizer.bos_token_id == loaded.tokenizer.bos_id
+    text = "def merge_node(size, index):\n    total = size + 42\n"
+    assert hf_tokenizer.decode(ids := loaded.tokenizer.encode(text)) == text
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_import_writes_a_checkpoint_that_matches_the_hf_model(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    from launch.cli import main
+    from trainer.inference import load_checkpoint_model
+
+    hf_dir = tmp_path / "hf"
+    assert (
+        main(["export", str(trained_run), "--out", str(hf_dir), "--max-shard-size", "100KB"]) == 0
+    )
+    assert (hf_dir / "model.safetensors.index.json").is_file()  # the import reads shards
+    out = tmp_path / "imported"
+    assert main(["import", str(hf_dir), "--out", str(out)]) == 0
+    loaded = load_checkpoint_model(out)  # verifies the manifest too
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    batch = tokens(seq=16, seed=8) % loaded.config.model.require_vocab()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(batch), theirs(batch).logits, atol=1e-5, rtol=1e-5)
+    assert loaded.tokenizer.sha256 == load_checkpoint_model(trained_run).tokenizer.sha256
+    # A second import onto a non-empty folder is refused in one line.
+    assert main(["import", str(hf_dir), "--out", str(out)]) == 2
+    assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_import_without_sentencepiece_keeps_tokenizer_json(tmp_path: Path) -> None:
+    from trainer.config import load_job_config
+    from trainer.hf_checkpoint import import_hf
+
+    hf_dir = tmp_path / "hf"
+    theirs = hf_model("qwen2-bias")
+    theirs.save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text("{}")
+    out = import_hf(hf_dir, tmp_path / "ckpt")
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
+    config = load_job_config(out / "config.yaml")
+    assert config.tokenizer.path is None and config.model.attention_bias
+    from safetensors.torch import load_file
+
+    ours = load_model_from_state(config.model, load_file(out / "model.safetensors"))
+    batch = tokens(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(batch), theirs(batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def load_model_from_state(config: Any, state: dict[str, torch.Tensor]) -> Any:
+    from model import build_model
+
+    model = build_model(config, "meta")
+    model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    model.init_rope()
+    return model.eval()
+
+
+def test_init_from_hf_starts_training_from_the_imported_weights(
+    trained_run: Path, tmp_path: Path, corpus: Path
+) -> None:
+    from launch.cli import main
+    from launch.environment import detect_environment
+    from tests.helpers import small_config
+    from trainer.config import job_config_from_dict
+    from trainer.config_io import ConfigError
+    from trainer.trainer import Trainer
+
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(trained_run), "--out", str(hf_dir)]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    raw = small_config(tmp_path / "run", corpus, train={"max_steps": 1, "eval_every": 0})
+    raw["model"]["init_from"] = f"hf:{hf_dir}"
+    raw["tokenizer"] = {"path": str(hf_dir / "tokenizer.model")}
+    trainer = Trainer(job_config_from_dict(raw), detect_environment())
+    trainer.setup()
+    batch = tokens(seq=16, seed=10) % 320
+    model = trainer.engine.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), theirs(batch).logits, atol=1e-5, rtol=1e-5)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        ours_loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
+        theirs_loss = theirs(inputs, labels=None).logits
+        theirs_loss = torch.nn.functional.cross_entropy(theirs_loss.flatten(0, 1), labels.flatten())
+    assert ours_loss.item() == pytest.approx(theirs_loss.item(), rel=1e-6)
+
+    raw["model"]["rope_theta"] = 500000.0  # loads, computes nonsense: refused by name
+    raw["run"]["dir"] = str(tmp_path / "run2")
+    with pytest.raises(ConfigError, match=r"model\.rope_theta"):
+        Trainer(job_config_from_dict(raw), detect_environment()).setup()
