@@ -207,7 +207,8 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(
     assert hf_tokenizer.eos_token_id == loaded.tokenizer.eos_id
     assert hf_tokenizer.bos_token_id == loaded.tokenizer.bos_id
     text = "def merge_node(size, index):\n    total = size + 42\n"
-    assert hf_tokenizer.decode(ids := loaded.tokenizer.encode(text)) == text
+    ids = loaded.tokenizer.encode(text)
+    assert hf_tokenizer.decode(ids) == text
     assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
 
 
