@@ -25,6 +25,9 @@ COMMON: dict[str, Any] = {
     "num_key_value_heads": 2,  # GQA everywhere
     "max_position_embeddings": 64,
     "rms_norm_eps": 1e-6,
+    # Larger than the default 0.02, so attention is far from uniform and logits are O(1-10):
+    # a wrong mask, RoPE or norm then moves them far beyond the 1e-5 tolerance.
+    "initializer_range": 0.1,
 }
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -88,6 +91,37 @@ def test_import_matches_transformers(case: str, tmp_path: Path) -> None:
         expected = theirs(batch).logits
         got = ours(batch)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("case", "dropped"),
+    [
+        ("mistral-sliding", {"sliding_window": None}),
+        ("qwen3-sliding", {"sliding_window": None}),
+        ("llama3-rope-scaling", {"rope_scaling": None}),
+        ("qwen2-bias", {"attention_bias": False}),
+    ],
+)
+def test_each_feature_matters_at_these_sizes(
+    case: str, dropped: dict[str, Any], tmp_path: Path
+) -> None:
+    """Negative control: the same weights without the feature are far off, so the match above
+    is evidence that the feature is converted, not that the test cannot see it."""
+    import dataclasses
+
+    from model import build_model
+
+    theirs = hf_model(case)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(HFFolder(tmp_path / "hf"))
+    without = build_model(dataclasses.replace(ours.config, **dropped), "meta")
+    without.to_empty(device="cpu")
+    state = {k: v for k, v in ours.state_dict().items() if k in without.state_dict()}
+    without.load_state_dict(state, strict=True)
+    without.init_rope()
+    batch = tokens()
+    with torch.no_grad():
+        assert (without.eval()(batch) - theirs(batch).logits).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("case", list(CASES))
