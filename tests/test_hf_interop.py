@@ -332,3 +332,34 @@ def test_init_from_hf_starts_training_from_the_imported_weights(
     raw["run"]["dir"] = str(tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"model\.rope_theta"):
         Trainer(job_config_from_dict(raw), detect_environment()).setup()
+
+
+def test_export_picks_the_plainest_family_that_fits() -> None:
+    from model import ModelConfig
+    from model.hf import family_for
+
+    def config(**overrides: Any) -> ModelConfig:
+        return ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, **overrides)
+
+    assert family_for(config()).architecture == "LlamaForCausalLM"
+    assert family_for(config(sliding_window=8)).architecture == "MistralForCausalLM"
+    assert family_for(config(attention_bias=True)).architecture == "Qwen2ForCausalLM"
+    assert family_for(config(qk_norm=True, head_dim=32)).architecture == "Qwen3ForCausalLM"
+    assert family_for(config(), "mistral").architecture == "MistralForCausalLM"
+    with pytest.raises(HFFormatError, match=r"no supported architecture fits"):
+        family_for(config(qk_norm=True, attention_bias=True))  # Qwen3 biases o_proj too
+    with pytest.raises(HFFormatError, match=r"MistralForCausalLM cannot express qk_norm"):
+        family_for(config(qk_norm=True), "MistralForCausalLM")
+
+
+def test_shard_size_parsing() -> None:
+    import argparse
+
+    from launch.hf_cli import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("100KB") == 100_000
+    assert parse_size("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size("lots")
