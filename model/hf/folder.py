@@ -67,13 +67,6 @@ class HFFolder:
                     yield name, handle.get_tensor(name)
 
 
-def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count * torch.empty((), dtype=dtype).element_size()
-
-
 def write_safetensors_shards(
     folder: Path,
     sizes: Sequence[tuple[str, int]],
