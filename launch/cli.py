@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     slurm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     slurm.set_defaults(func=cmd_launch_slurm)
+
+    from launch import hf_cli
+
+    hf_cli.register(commands)
     return parser
 
 

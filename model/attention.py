@@ -1,4 +1,8 @@
-"""Grouped-query self-attention through `scaled_dot_product_attention`."""
+"""Grouped-query self-attention through `scaled_dot_product_attention`.
+
+The mask (causal, sliding-window, per-document) is built once per forward by the model, see
+`model.masking`.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,24 @@ from model.rope import apply_rope
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with n_kv_heads <= n_heads shared key/value heads (GQA/MQA)."""
+    """Causal multi-head attention with n_kv_heads <= n_heads shared key/value heads (GQA/MQA).
+
+    Optional q/k/v and output biases (Qwen2, Llama `attention_bias`) and per-head QK RMSNorm
+    applied before RoPE, in the order of Qwen3: project, norm each head, rotate.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        qkv_bias = config.attention_bias
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(
+            self.n_heads * self.head_dim, config.dim, bias=config.attention_out_bias
+        )
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
@@ -35,7 +46,13 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         start_pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attend over x (B, T, dim); `mask` (True = visible) replaces the plain causal mask.
+
+        With no mask the keys must be exactly the queries' causal prefix (no cached keys before
+        them), so SDPA's `is_causal` fast path applies; the model builds a mask otherwise.
+        """
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, KVH, D)
@@ -45,20 +62,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|KVH, T, D)
 
-        mask: torch.Tensor | None = None
-        is_causal = True
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, start_pos, k, v)  # (B, KVH, S, D), S = start_pos + T
-            if start_pos > 0:
-                # Query i sits at absolute position start_pos + i and may see keys 0..start_pos+i.
-                key_pos = torch.arange(k.shape[2], device=x.device)
-                query_pos = torch.arange(start_pos, start_pos + seq, device=x.device)
-                mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
-                is_causal = False
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

@@ -30,8 +30,9 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.attention(
-            self.attention_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos
+            self.attention_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos, mask
         )
         return x + self.feed_forward(self.ffn_norm(x))

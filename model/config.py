@@ -21,6 +21,7 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: n_heads (multi-head); 1: multi-query
+    head_dim: int = 0  # 0: dim // n_heads; Qwen3 and some Mistral models set it explicitly
     ffn_hidden_dim: int | None = None  # None: Llama rule from dim, multiple_of, ffn_dim_multiplier
     multiple_of: int = 64
     ffn_dim_multiplier: float | None = None
@@ -29,7 +30,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # Llama-3 style: {"type": "llama3", "factor": ...}
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    attention_out_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
+    sliding_window: int | None = None  # each query sees itself and the previous window-1 keys
+    reset_positions_per_document: bool = False  # with doc_ids: RoPE positions restart per document
     init_std: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -39,15 +44,24 @@ class ModelConfig:
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
             if getattr(self, key) <= 0:
                 raise ModelConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        if self.dim % self.n_heads:
-            raise ModelConfigError(f"dim: {self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim < 0:
+            raise ModelConfigError(f"head_dim: must be positive (0: derived), got {self.head_dim}")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ModelConfigError(
+                    f"dim: {self.dim} is not divisible by n_heads={self.n_heads}"
+                )
+            # Resolved once here so every consumer (attention, RoPE, KV cache, counts) agrees.
+            self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ModelConfigError(
                 f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}"
             )
-        if (self.dim // self.n_heads) % 2:
+        if self.head_dim % 2:
+            raise ModelConfigError(f"head_dim: {self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window <= 0:
             raise ModelConfigError(
-                f"dim: head_dim={self.dim // self.n_heads} must be even for RoPE"
+                f"sliding_window: must be positive or null, got {self.sliding_window}"
             )
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ModelConfigError(f"vocab_size: must be positive, got {self.vocab_size}")
@@ -55,10 +69,6 @@ class ModelConfig:
             raise ModelConfigError(
                 f"rope_scaling.type: only 'llama3' is supported, got {self.rope_scaling['type']!r}"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:

@@ -25,6 +25,10 @@ def param_counts(config: ModelConfig) -> ParamCounts:
     """Exact parameter counts of `Transformer(config)`."""
     vocab, dim, head_dim = config.require_vocab(), config.dim, config.head_dim
     attention = dim * head_dim * (config.n_heads * 2 + config.kv_heads * 2)
+    if config.attention_bias:
+        attention += head_dim * (config.n_heads + 2 * config.kv_heads)
+    if config.attention_out_bias:
+        attention += dim
     if config.qk_norm:
         attention += 2 * head_dim
     feed_forward = 3 * dim * config.ffn_dim
@@ -38,6 +42,8 @@ def param_counts(config: ModelConfig) -> ParamCounts:
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward, by the PaLM formula 6N + 12*L*H*Q*T.
 
+    With a sliding window a query attends to at most `sliding_window` keys, so T becomes
+    min(seq_len, sliding_window) in the attention term.
     N counts the parameters that take part in matrix multiplies: every active parameter but the
     input embedding lookup, plus the output head (which is the embedding matrix when tied).
     """
@@ -45,5 +51,6 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     matmul_params = (
         counts.active - counts.embedding - counts.output_head + config.require_vocab() * config.dim
     )
-    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    context = seq_len if config.sliding_window is None else min(seq_len, config.sliding_window)
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * context
     return float(6 * matmul_params + attention)

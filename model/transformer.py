@@ -11,6 +11,7 @@ from torch import nn
 from model.block import TransformerBlock
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+from model.masking import attention_mask, positions_within_documents
 from model.norm import RMSNorm
 from model.rope import rope_cos_sin
 
@@ -64,6 +65,9 @@ class Transformer(nn.Module):
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, ffn.gate_proj, ffn.up_proj):
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
             nn.init.normal_(attn.o_proj.weight, mean=0.0, std=out_std)
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
             nn.init.normal_(ffn.down_proj.weight, mean=0.0, std=out_std)
         if self.output is not None:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
@@ -74,21 +78,39 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens (B, T); positions (B, T) default to start_pos + arange."""
+        """Logits (B, T, vocab) for tokens (B, T).
+
+        positions (B, T) are the RoPE positions, by default start_pos + arange (or the position
+        inside each document when `doc_ids` is given and `reset_positions_per_document` is set).
+        doc_ids (B, T), integer ids constant over each packed document, stop attention from
+        crossing document boundaries.
+        """
+        config = self.config
         seq = tokens.shape[1]
+        if start_pos + seq > config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + seq} tokens exceeds max_seq_len={config.max_seq_len}"
+            )
+        if doc_ids is not None and start_pos > 0:
+            raise ValueError("doc_ids are for full-sequence forwards, not cached decoding steps")
+        if positions is None and doc_ids is not None and config.reset_positions_per_document:
+            positions = positions_within_documents(doc_ids)
         if positions is None:
-            if start_pos + seq > self.config.max_seq_len:
-                raise ValueError(
-                    f"sequence of {start_pos + seq} tokens exceeds max_seq_len={self.config.max_seq_len}"
-                )
             cos = self.rope_cos[start_pos : start_pos + seq]  # (T, D)
             sin = self.rope_sin[start_pos : start_pos + seq]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
+        mask = None
+        if start_pos > 0 or config.sliding_window is not None or doc_ids is not None:
+            # Indices in the cached sequence; the plain causal case keeps SDPA's fast path.
+            query_index = torch.arange(start_pos, start_pos + seq, device=tokens.device)
+            key_index = torch.arange(start_pos + seq, device=tokens.device)
+            mask = attention_mask(query_index, key_index, config.sliding_window, doc_ids, doc_ids)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, kv_cache, start_pos)
+            h = layer(h, cos, sin, kv_cache, start_pos, mask)
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)

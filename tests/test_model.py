@@ -101,3 +101,78 @@ def test_rope_scaling_changes_only_low_frequencies() -> None:
     scaled = rope_inv_freq(128, 500000.0, {"factor": 8.0, "original_max_position_embeddings": 8192})
     assert torch.equal(plain[:8], scaled[:8])  # high frequencies untouched
     torch.testing.assert_close(scaled[-1], plain[-1] / 8)  # the lowest stretched by the factor
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"attention_bias": True},
+        {"attention_bias": True, "attention_out_bias": True, "qk_norm": True},
+        {"head_dim": 32, "qk_norm": True},  # head_dim * n_heads != dim, as in Qwen3
+        {"sliding_window": 8, "tie_embeddings": True},
+    ],
+)
+def test_attention_variants_build_count_and_decode(overrides: dict) -> None:
+    config = small(**overrides)
+    model = build_model(config, seed=4).eval()
+    assert sum(p.numel() for p in model.parameters()) == param_counts(config).total
+    prompt = [5, 17, 3, 42, 8, 9, 11, 2, 60, 33]
+    fast = generate(model, prompt, max_new_tokens=12)
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+    assert fast == sequence[len(prompt) :]
+
+
+def test_sliding_window_hides_keys_older_than_the_window() -> None:
+    window = 6
+    model = build_model(small(sliding_window=window, n_layers=1), seed=5).eval()
+    tokens = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % 97
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    # With one layer, position 3 is seen by queries 3..3+window-1 and by no later one.
+    assert not torch.allclose(before[0, 3 : 3 + window], after[0, 3 : 3 + window])
+    torch.testing.assert_close(before[0, 3 + window :], after[0, 3 + window :], rtol=0, atol=0)
+    # A window at least as long as the sequence is plain causal attention.
+    full = build_model(small(sliding_window=None, n_layers=1), seed=5).eval()
+    wide = build_model(small(sliding_window=24, n_layers=1), seed=5).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(tokens), full(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reset_positions", [True, False])
+def test_packed_documents_do_not_see_each_other(reset_positions: bool) -> None:
+    model = build_model(small(reset_positions_per_document=reset_positions), seed=6).eval()
+    generator = torch.Generator().manual_seed(2)
+    first = torch.randint(0, 97, (1, 11), generator=generator)
+    second = torch.randint(0, 97, (1, 17), generator=generator)
+    packed = torch.cat([first, second], dim=1)
+    doc_ids = torch.tensor([[0] * 11 + [1] * 17])
+    with torch.no_grad():
+        packed_logits = model(packed, doc_ids=doc_ids)
+        alone_first, alone_second = model(first), model(second)
+    torch.testing.assert_close(packed_logits[:, :11], alone_first, rtol=1e-5, atol=1e-5)
+    if reset_positions:
+        torch.testing.assert_close(packed_logits[:, 11:], alone_second, rtol=1e-5, atol=1e-5)
+    else:
+        # RoPE is relative, so only float rounding separates a shifted document from itself.
+        torch.testing.assert_close(packed_logits[:, 11:], alone_second, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(packed_logits[:, 11:], alone_second)
+
+
+def test_positions_restart_per_document() -> None:
+    from model.masking import positions_within_documents
+
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert torch.equal(positions_within_documents(doc_ids), expected)
+
+
+def test_flops_attention_term_uses_the_window() -> None:
+    dense, sliding = small(), small(sliding_window=16)
+    assert param_counts(dense) == param_counts(sliding)
+    assert flops_per_token(dense, 64) - flops_per_token(sliding, 64) == 12 * 2 * 4 * 16 * (64 - 16)
+    assert flops_per_token(sliding, 8) == flops_per_token(dense, 8)

@@ -450,8 +450,14 @@ class Trainer:
 
 
 def load_weights(model: Transformer, source: str) -> None:
-    """Copy weights into `model` from a scaletrain checkpoint folder (`init_from`)."""
+    """Copy weights into `model` from a scaletrain checkpoint folder or `hf:DIR` (`init_from`)."""
     from safetensors.torch import load_file
+
+    if source.startswith("hf:"):
+        from trainer.hf_checkpoint import load_hf_weights
+
+        load_hf_weights(model, source)
+        return
 
     path = Path(source)
     weights_file = path / "model.safetensors" if path.is_dir() else path

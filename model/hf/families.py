@@ -1,0 +1,263 @@
+"""The registry of Hugging Face architectures: what each config can express, both directions.
+
+A family is data, not code: which attention features its `config.json` can describe and under
+which keys. Converting reads the shared keys (sizes, RoPE, norm eps, tying) once, then lets the
+family's flags decide the rest. A new dense family is one more `HFFamily(...)` entry; MoE
+families will add their own fields (experts, router) the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from model.config import ModelConfig, ModelConfigError
+
+
+class HFFormatError(ModelConfigError):
+    """A Hugging Face folder or config we cannot convert; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """One `*ForCausalLM` architecture of `transformers` and the features its config expresses.
+
+    qkv_bias: "flag" (q/k/v/o biases all follow `attention_bias`, Llama/Qwen3), "always" (q/k/v
+    biased and o not, whatever the config says, Qwen2) or "never" (Mistral).
+    sliding: "never", "global" (`sliding_window` applies to every layer, Mistral), or
+    "layer_types" (`use_sliding_window` + per-layer `layer_types`, Qwen2/Qwen3; we import it
+    only when every layer agrees).
+    """
+
+    architecture: str
+    model_type: str
+    qkv_bias: Literal["flag", "always", "never"]
+    qk_norm: bool
+    sliding: Literal["never", "global", "layer_types"]
+    rope_scaling: bool  # can carry Llama-3 frequency scaling
+    extra_hf_keys: dict[str, Any] = field(default_factory=dict)  # written as-is on export
+
+    def check_exportable(self, config: ModelConfig) -> None:
+        """Raise HFFormatError naming the first feature of `config` this family cannot hold."""
+        problems = []
+        if config.qk_norm != self.qk_norm:
+            problems.append(f"qk_norm={config.qk_norm}")
+        if self.qkv_bias == "flag" and config.attention_bias != config.attention_out_bias:
+            problems.append("attention_bias without attention_out_bias (or the reverse)")
+        if self.qkv_bias == "always" and not (
+            config.attention_bias and not config.attention_out_bias
+        ):
+            problems.append(
+                f"attention_bias={config.attention_bias}, "
+                f"attention_out_bias={config.attention_out_bias} (needs q/k/v bias only)"
+            )
+        if self.qkv_bias == "never" and (config.attention_bias or config.attention_out_bias):
+            problems.append("attention biases")
+        if self.sliding == "never" and config.sliding_window is not None:
+            problems.append(f"sliding_window={config.sliding_window}")
+        if not self.rope_scaling and config.rope_scaling is not None:
+            problems.append("rope_scaling")
+        if self.model_type == "qwen2" and config.head_dim * config.n_heads != config.dim:
+            problems.append(f"head_dim={config.head_dim} != dim / n_heads")
+        if problems:
+            raise HFFormatError(
+                f"architecture: {self.architecture} cannot express {problems[0]}; "
+                f"pick another with --arch ({', '.join(FAMILIES)})"
+            )
+
+    def to_hf_config(self, config: ModelConfig, dtype: str) -> dict[str, Any]:
+        """The `config.json` of `config` as this architecture (our config must be exportable)."""
+        self.check_exportable(config)
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+        if config.rope_scaling is not None:
+            rope = {"rope_theta": config.rope_theta, **_rope_scaling_to_hf(config.rope_scaling)}
+        hf: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": config.require_vocab(),
+            "hidden_size": config.dim,
+            "intermediate_size": config.ffn_dim,
+            "num_hidden_layers": config.n_layers,
+            "num_attention_heads": config.n_heads,
+            "num_key_value_heads": config.kv_heads,
+            "head_dim": config.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": config.max_seq_len,
+            "rms_norm_eps": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings,
+            "rope_parameters": rope,
+            # transformers 4.x reads these two instead of rope_parameters; 5.x accepts both.
+            "rope_theta": config.rope_theta,
+            "initializer_range": config.init_std,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            "dtype": dtype,
+        }
+        if config.rope_scaling is not None:
+            hf["rope_scaling"] = _rope_scaling_to_hf(config.rope_scaling)
+        if self.qkv_bias == "flag":
+            hf["attention_bias"] = config.attention_bias
+        if self.model_type == "llama":
+            hf["mlp_bias"] = False
+        if self.sliding == "global":
+            hf["sliding_window"] = config.sliding_window
+        elif self.sliding == "layer_types":
+            window = config.sliding_window
+            hf["use_sliding_window"] = window is not None
+            hf["sliding_window"] = window
+            hf["max_window_layers"] = 0 if window is not None else config.n_layers
+            kind = "sliding_attention" if window is not None else "full_attention"
+            hf["layer_types"] = [kind] * config.n_layers
+        hf.update(self.extra_hf_keys)
+        return hf
+
+    def from_hf_config(self, hf: dict[str, Any], where: str) -> ModelConfig:
+        """Our ModelConfig for a `config.json` of this architecture; `where` names the file."""
+
+        def get(key: str, default: Any = None) -> Any:
+            return hf[key] if hf.get(key) is not None else default
+
+        def require(key: str) -> Any:
+            if hf.get(key) is None:
+                raise HFFormatError(f"{where}: {key}: missing")
+            return hf[key]
+
+        if get("hidden_act", "silu") not in ("silu", "swish"):
+            raise HFFormatError(
+                f"{where}: hidden_act: only silu is supported, got {hf['hidden_act']!r}"
+            )
+        if get("mlp_bias", False):
+            raise HFFormatError(f"{where}: mlp_bias: biased MLPs are not supported")
+        n_heads = int(require("num_attention_heads"))
+        dim = int(require("hidden_size"))
+        theta, scaling = _rope_from_hf(hf, where)
+        attention_bias = attention_out_bias = False
+        if self.qkv_bias == "flag":
+            attention_bias = attention_out_bias = bool(get("attention_bias", False))
+        elif self.qkv_bias == "always":
+            attention_bias = True
+        window = None
+        if self.sliding == "global":
+            window = get("sliding_window")
+        elif self.sliding == "layer_types" and get("use_sliding_window", False):
+            n_layers = int(require("num_hidden_layers"))
+            layer_types = get("layer_types") or [
+                "sliding_attention" if i >= int(get("max_window_layers", 0)) else "full_attention"
+                for i in range(n_layers)
+            ]
+            if set(layer_types) == {"sliding_attention"}:
+                window = get("sliding_window")
+            elif set(layer_types) != {"full_attention"}:
+                raise HFFormatError(
+                    f"{where}: layer_types: a mix of sliding and full attention layers is "
+                    "not supported"
+                )
+        try:
+            return ModelConfig(
+                vocab_size=int(require("vocab_size")),
+                dim=dim,
+                n_layers=int(require("num_hidden_layers")),
+                n_heads=n_heads,
+                n_kv_heads=int(get("num_key_value_heads", n_heads)),
+                head_dim=int(get("head_dim", 0)),
+                ffn_hidden_dim=int(require("intermediate_size")),
+                norm_eps=float(get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_seq_len=int(get("max_position_embeddings", 2048)),
+                tie_embeddings=bool(get("tie_word_embeddings", False)),
+                qk_norm=self.qk_norm,
+                attention_bias=attention_bias,
+                attention_out_bias=attention_out_bias,
+                sliding_window=None if window is None else int(window),
+                init_std=float(get("initializer_range", 0.02)),
+            )
+        except ModelConfigError as exc:
+            raise HFFormatError(f"{where}: {exc}") from None
+
+
+def _rope_scaling_to_hf(scaling: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "rope_type": "llama3",
+        "factor": float(scaling["factor"]),
+        "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
+        "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
+        "original_max_position_embeddings": int(
+            scaling.get("original_max_position_embeddings", 8192)
+        ),
+    }
+
+
+def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+    """(theta, our rope_scaling) from `rope_parameters` (transformers 5) or the 4.x keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    source = params if params.get("rope_type", "default") != "default" else legacy
+    rope_type = source.get("rope_type", source.get("type", "default"))
+    if rope_type == "default" or not source:
+        return theta, None
+    if rope_type != "llama3":
+        raise HFFormatError(
+            f"{where}: rope_parameters.rope_type: only 'default' and 'llama3' are supported, "
+            f"got {rope_type!r}"
+        )
+    scaling = {
+        "type": "llama3",
+        "factor": float(source["factor"]),
+        "low_freq_factor": float(source.get("low_freq_factor", 1.0)),
+        "high_freq_factor": float(source.get("high_freq_factor", 4.0)),
+        "original_max_position_embeddings": int(
+            source.get("original_max_position_embeddings", 8192)
+        ),
+    }
+    return theta, scaling
+
+
+FAMILIES: dict[str, HFFamily] = {
+    family.architecture: family
+    for family in (
+        HFFamily("LlamaForCausalLM", "llama", "flag", False, "never", True),
+        HFFamily("MistralForCausalLM", "mistral", "never", False, "global", False),
+        HFFamily("Qwen2ForCausalLM", "qwen2", "always", False, "layer_types", False),
+        HFFamily("Qwen3ForCausalLM", "qwen3", "flag", True, "layer_types", False),
+    )
+}
+
+
+def family_of(hf: dict[str, Any], where: str) -> HFFamily:
+    """The registry entry for a `config.json` (by `architectures`, else `model_type`)."""
+    for architecture in hf.get("architectures") or []:
+        if architecture in FAMILIES:
+            return FAMILIES[architecture]
+    for family in FAMILIES.values():
+        if family.model_type == hf.get("model_type"):
+            return family
+    named = hf.get("architectures") or hf.get("model_type")
+    raise HFFormatError(
+        f"{where}: architectures: {named} is not supported (supported: {', '.join(FAMILIES)})"
+    )
+
+
+def family_for(config: ModelConfig, architecture: str | None = None) -> HFFamily:
+    """The family to export `config` as: `architecture` if named, else the plainest that fits.
+
+    Llama when nothing else is needed; Qwen3 for QK-norm, Qwen2 for q/k/v-only biases,
+    Mistral for a sliding window.
+    """
+    if architecture is not None:
+        matches = [f for f in FAMILIES.values() if architecture in (f.architecture, f.model_type)]
+        if not matches:
+            raise HFFormatError(
+                f"--arch: {architecture!r} is not supported (supported: {', '.join(FAMILIES)})"
+            )
+        matches[0].check_exportable(config)
+        return matches[0]
+    errors = []
+    for family in FAMILIES.values():
+        try:
+            family.check_exportable(config)
+            return family
+        except HFFormatError as exc:
+            errors.append(str(exc))
+    raise HFFormatError(f"model: no supported architecture fits this model ({errors[0]})")
