@@ -99,10 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_job_config(args.config, args.set)
     env = detect_environment()
     _setup_logging(env.is_main)
-    trainer = Trainer(config, env, fail_at_step=args.fail_at_step)
+    trainer = Trainer(config, env, fail_at_step=args.fail_at_step, stall_at_step=args.stall_at_step)
     trainer.setup()
     trainer.fit()
-    if env.is_main and config.train.sample_prompt:
+    if env.is_main and config.train.sample_prompt and not trainer.preempted:
         _print_sample(
             str(trainer.checkpoint_root), config.train.sample_prompt, config.train.sample_tokens
         )
@@ -250,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dry-run: the number of ranks to plan memory and batches for",
     )
     train.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--stall-at-step", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")

@@ -39,9 +39,9 @@ def sbatch_script(job: SlurmJob) -> str:
         f"#SBATCH --cpus-per-task={job.cpus_per_task}",
         f"#SBATCH --time={job.time}",
         "#SBATCH --output=%x-%j.out",
-        # SIGUSR1 two minutes before the time limit, to the batch shell and job steps:
-        # scaletrain saves a checkpoint and exits on it.
-        "#SBATCH --signal=B:USR1@120",
+        # SIGTERM to the job step two minutes before the time limit: torchrun passes it to
+        # every rank, and scaletrain saves a checkpoint and exits (SIGUSR1 works the same).
+        "#SBATCH --signal=TERM@120",
     ]
     if job.partition:
         directives.append(f"#SBATCH --partition={job.partition}")

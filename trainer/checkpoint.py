@@ -158,12 +158,20 @@ def find_resume_checkpoint(checkpoint_root: Path) -> Path | None:
         if named in candidates:  # `latest` first, then everything else newest first
             candidates.remove(named)
             candidates.append(named)
+    problems = []
     for folder in reversed(candidates):
         try:
             verify_checkpoint(folder)
             return folder
         except CheckpointError as exc:
             logger.warning("skipping damaged checkpoint: %s; falling back to an older one", exc)
+            problems.append(str(exc))
+    if problems:
+        # Restarting from step 0 over damaged checkpoints would silently throw work away.
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint_root} verifies (newest problem: {problems[0]}); "
+            "repair or remove them, or set checkpoint.resume=none"
+        )
     return None
 
 

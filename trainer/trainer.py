@@ -8,6 +8,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,7 +115,13 @@ def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
 class Trainer:
     """Pretraining through the DeepSpeed engine; one instance per process."""
 
-    def __init__(self, config: JobConfig, env: DistEnv, fail_at_step: int | None = None) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        env: DistEnv,
+        fail_at_step: int | None = None,
+        stall_at_step: int | None = None,
+    ) -> None:
         self.config = config
         self.env = env
         self.run_dir = Path(config.run.dir)
@@ -121,7 +129,13 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skips = SkipCounter(strict=config.data.strict)
-        self._fail_at_step = fail_at_step  # test hook: exit hard after this step
+        # Test hooks: exit hard after a step (first attempt only, so a torchrun restart can
+        # finish the run), or stall rank 1 forever to exercise collective timeouts.
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self._fail_at_step = fail_at_step if first_attempt else None
+        self._stall_at_step = stall_at_step
+        self._stop_signal: int | None = None
+        self.preempted = False
         self._eval_sets: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     # ---------------------------------------------------------------- setup
@@ -239,6 +253,7 @@ class Trainer:
         )
         self.engine.train()
         first_step = self.step
+        previous_handlers = self._install_signal_handlers()
         try:
             if self.step == 0 and config.train.eval_every > 0:
                 self._evaluate_and_log(metrics, progress)
@@ -278,14 +293,45 @@ class Trainer:
                     self.save_checkpoint()
                 if self._fail_at_step is not None and self.step == self._fail_at_step:
                     os._exit(17)  # simulated crash for resume tests: no cleanup, no final save
-            if config.train.eval_every > 0 and self.step % config.train.eval_every != 0:
+                if self._stall_at_step == self.step and env.rank == 1:
+                    time.sleep(10**6)  # simulated hung rank: the others must time out
+                if self._stop_agreed():
+                    self.preempted = True
+                    break
+            if self.preempted:
+                logger.warning(
+                    "signal %s: saving at step %d and exiting", self._stop_signal, self.step
+                )
+            elif config.train.eval_every > 0 and self.step % config.train.eval_every != 0:
                 self._evaluate_and_log(metrics, progress)
             if not self._saved(self.step):
                 self.save_checkpoint()
         finally:
+            self._restore_signal_handlers(previous_handlers)
             progress.close()
             if metrics is not None:
                 metrics.close()
+
+    # ---------------------------------------------------------------- preemption
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM (preemption, torchrun shutdown) and SIGUSR1 (SLURM's warning) request a stop."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, _frame: object) -> None:
+            self._stop_signal = signum
+
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _stop_agreed(self) -> bool:
+        """True on every rank as soon as any rank got a stop signal (one tiny all-reduce)."""
+        (requested,) = all_reduce_sum([1.0 if self._stop_signal is not None else 0.0], self.device)
+        return requested > 0
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         if self.peak_flops is None:

@@ -1,0 +1,211 @@
+"""Checkpoints that never lie: preemption, restarts, stalls, tampering and SIGKILL during saves."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import read_metrics, small_config
+from trainer import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict[str, str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    return {**clean, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def config_file(tmp_path: Path, corpus: Path, name: str, **sections: dict) -> Path:
+    train = {"max_steps": 12, "eval_every": 0, **sections.pop("train", {})}
+    raw = small_config(tmp_path / name, corpus, train=train, **sections)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def train_cmd(config: Path, nproc: int = 1, *extra: str, restarts: int = 0) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "launch.cli", "train", str(config), *extra]
+    return [
+        str(BIN / "torchrun"),
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        "-m",
+        "launch.cli",
+        "train",
+        str(config),
+        *extra,
+    ]
+
+
+def run(cmd: list[str], expect: int = 0, timeout: int = 420) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=timeout
+    )
+    assert result.returncode == expect, (
+        f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+def step_lines(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir)[0]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_two_ranks_is_bit_exact(stage: int, tmp_path: Path, corpus: Path) -> None:
+    """12 steps straight == 6 steps, a crash after step 8, and a resume from step 6."""
+    parallel = {"zero_stage": stage}
+    straight = config_file(tmp_path, corpus, "straight", parallel=parallel)
+    run(train_cmd(straight, 2))
+    crashed = config_file(tmp_path, corpus, "crashed", parallel=parallel, checkpoint={"every": 6})
+    run(train_cmd(crashed, 2, "--fail-at-step", "8"), expect=1)  # torchrun reports the dead ranks
+    assert (tmp_path / "crashed/checkpoints/latest").read_text().strip() == "step_00000006"
+    run(train_cmd(crashed, 2))
+    expected, resumed = step_lines(tmp_path / "straight"), step_lines(tmp_path / "crashed")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in expected]
+
+
+def test_sigterm_saves_and_the_next_launch_continues(tmp_path: Path, corpus: Path) -> None:
+    config = config_file(
+        tmp_path, corpus, "preempt", train={"max_steps": 100_000}, checkpoint={"every": 0}
+    )
+    process = subprocess.Popen(
+        train_cmd(config),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "preempt" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "saving at step" in stderr
+    saved = ckpt.find_resume_checkpoint(tmp_path / "preempt" / "checkpoints")
+    assert saved is not None
+    stopped_at = int(saved.name.removeprefix("step_"))
+    assert stopped_at >= 3
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["max_steps"] = stopped_at + 2
+    config.write_text(yaml.safe_dump(raw))
+    result = run(train_cmd(config))
+    assert f"resumed from {saved}" in result.stderr
+    assert [r["step"] for r in step_lines(tmp_path / "preempt")] == list(range(1, stopped_at + 3))
+
+
+def test_killed_rank_under_torchrun_max_restarts_finishes(tmp_path: Path, corpus: Path) -> None:
+    config = config_file(tmp_path, corpus, "restart", checkpoint={"every": 4})
+    result = run(train_cmd(config, 2, "--fail-at-step", "6", restarts=1))
+    assert "resumed from" in result.stderr
+    lines = step_lines(tmp_path / "restart")
+    assert [r["step"] for r in lines] == list(
+        range(1, 13)
+    )  # steps 5-6 of the first attempt replaced
+    assert (tmp_path / "restart/checkpoints/latest").read_text().strip() == "step_00000012"
+
+
+def test_a_stalled_rank_fails_the_job_within_the_timeout(tmp_path: Path, corpus: Path) -> None:
+    config = config_file(tmp_path, corpus, "stall", parallel={"step_timeout_s": 5.0})
+    started = time.time()
+    result = subprocess.run(
+        train_cmd(config, 2, "--stall-at-step", "3"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env(),
+        timeout=400,
+    )
+    assert result.returncode != 0
+    assert time.time() - started < 300
+    assert (
+        "timed out" in (result.stdout + result.stderr).lower()
+        or "timeout" in (result.stdout + result.stderr).lower()
+    )
+
+
+def test_tampered_state_file_is_refused_and_resume_falls_back(tmp_path: Path, corpus: Path) -> None:
+    config = config_file(
+        tmp_path, corpus, "tamper", train={"max_steps": 2}, checkpoint={"every": 1, "keep": 0}
+    )
+    run(train_cmd(config))
+    root = tmp_path / "tamper" / "checkpoints"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    states = next((root / "step_00000002" / "deepspeed").rglob("*model_states.pt"))
+    states.write_bytes(pickle.dumps(Evil()))
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["max_steps"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    result = run(train_cmd(config))
+    assert "SHA-256 does not match" in result.stderr and "falling back" in result.stderr
+    assert f"resumed from {root / 'step_00000001'}" in result.stderr
+    assert not marker.exists()
+
+    # With every checkpoint damaged, auto-resume refuses instead of silently starting over.
+    for weights in root.glob("step_*/model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    result = run(train_cmd(config), expect=2)
+    assert "no checkpoint in" in result.stderr and "verifies" in result.stderr
+
+
+def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(
+    tmp_path: Path, corpus: Path
+) -> None:
+    """20 launches, each resuming the last and SIGKILLed at a random moment while saving every step."""
+    config = config_file(
+        tmp_path, corpus, "kill", train={"max_steps": 100_000}, checkpoint={"every": 1, "keep": 3}
+    )
+    root = tmp_path / "kill" / "checkpoints"
+    rng = random.Random(1234)
+    resumed_steps = []
+    for _trial in range(20):
+        before = ckpt.find_resume_checkpoint(root)
+        process = subprocess.Popen(
+            train_cmd(config),
+            cwd=ROOT,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline and ckpt.find_resume_checkpoint(root) == before:
+            time.sleep(0.05)  # until this launch published a checkpoint of its own
+        time.sleep(rng.uniform(0.0, 1.0))
+        process.kill()
+        process.wait()
+        latest = root / (root / "latest").read_text().strip()
+        ckpt.verify_checkpoint(latest)  # `latest` always names a complete, intact checkpoint
+        for folder in ckpt.complete_checkpoints(root):
+            ckpt.verify_checkpoint(folder)
+        resumed_steps.append(int(latest.name.removeprefix("step_")))
+    assert resumed_steps == sorted(resumed_steps) and resumed_steps[-1] > resumed_steps[0]
