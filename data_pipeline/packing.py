@@ -7,15 +7,42 @@ depend on the number of ranks: ranks take their slice of each *global* batch (se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.config import DataConfig, MixturePhase, SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources import SkipCounter, iter_documents
+from data_pipeline.sources import DocumentFilter, SkipCounter, iter_records
 from data_pipeline.tokenizer import Tokenizer
+
+
+class DocumentStream(Protocol):
+    """What `PackedSequences` mixes: tokenized documents of one source, resumable."""
+
+    source: SourceConfig
+
+    def next_document(self) -> list[int] | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _SwitchableSkips(SkipCounter):
+    """Forwards to `target`; a resume replays the consumed part of an epoch into a scratch
+    counter so that records skipped before the checkpoint are not counted twice."""
+
+    def __init__(self, target: SkipCounter) -> None:
+        super().__init__(target.strict)
+        self.target = target
+
+    def skip(self, where: str, reason: str) -> None:
+        self.target.skip(where, reason)
+
+    def drop(self, reason: str) -> None:
+        self.target.drop(reason)
 
 
 class SourceStream:
@@ -37,31 +64,43 @@ class SourceStream:
         self.skips = skips
         self.loop = loop
         self.epoch = 0
-        self.docs_consumed = 0  # documents taken from the current epoch
-        self._documents: Iterator[str] | None = None
+        self.docs_consumed = 0  # documents taken from the current epoch (after filters)
+        self.filters = DocumentFilter.from_config(data_config)
+        self._skips = _SwitchableSkips(skips)
+        self._documents: Iterator[tuple[str, str]] | None = None
 
-    def _open(self) -> Iterator[str]:
-        documents = iter_documents(
+    def _filtered(self) -> Iterator[tuple[str, str]]:
+        for where, text in iter_records(
             self.source,
             self.split,
-            self.skips,
+            self._skips,
             epoch=self.epoch,
             shuffle_seed=self.data_config.shuffle_seed,
             validation_percent=self.data_config.builtin_validation_percent,
-        )
+        ):
+            reason = self.filters.reason_to_drop(text)
+            if reason is not None:
+                self._skips.drop(reason)
+                continue
+            yield where, text
+
+    def _open(self) -> Iterator[tuple[str, str]]:
+        self.filters.reset()
+        documents = self._filtered()
+        self._skips.target = SkipCounter(strict=False)  # replay: counted before the checkpoint
         for _ in range(self.docs_consumed):  # fast-forward on resume (read, not tokenized)
             next(documents, None)
+        self._skips.target = self.skips
         return documents
 
-    def next_document(self) -> list[int] | None:
-        """The next document's tokens followed by EOS, or None when a non-looping source ends."""
+    def _next_text(self) -> tuple[str, str] | None:
         for _ in range(2):
             if self._documents is None:
                 self._documents = self._open()
-            text = next(self._documents, None)
-            if text is not None:
+            record = next(self._documents, None)
+            if record is not None:
                 self.docs_consumed += 1
-                return [*self.tokenizer.encode(text), self.tokenizer.eos_id]
+                return record
             if not self.loop:
                 return None
             if self.docs_consumed == 0:
@@ -70,6 +109,18 @@ class SourceStream:
             self.docs_consumed = 0
             self._documents = None
         raise DataError(f"{self.source.path}: source yields no usable documents")
+
+    def next_document(self) -> list[int] | None:
+        """The next document's tokens followed by EOS, or None when a non-looping source ends."""
+        limit = self.data_config.max_doc_tokens
+        while (record := self._next_text()) is not None:
+            where, text = record
+            tokens = self.tokenizer.encode(text)
+            if limit and len(tokens) > limit:
+                self.skips.skip(where, f"document longer than {limit} tokens")
+                continue
+            return [*tokens, self.tokenizer.eos_id]
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "docs_consumed": self.docs_consumed}
@@ -88,24 +139,52 @@ class PackedSequences:
     comes from the source furthest below its token share (weight / sum of weights).
     """
 
-    def __init__(self, streams: list[SourceStream], seq_len: int) -> None:
+    def __init__(
+        self,
+        streams: Sequence[DocumentStream],
+        seq_len: int,
+        schedule: Sequence[MixturePhase] = (),
+    ) -> None:
         if not streams:
             raise DataError("no data sources")
-        self.streams = streams
+        self.streams = list(streams)
         self.seq_len = seq_len
-        total_weight = sum(s.source.weight for s in streams)
-        self.shares = [s.source.weight / total_weight for s in streams]
+        self.schedule = list(schedule)
+        self.shares = self._shares(-1)
         self.source_tokens = [0] * len(streams)
+        # The mixture phase in force and the per-source token counts when it began: shares
+        # are met within each phase, so a new phase is not skewed by the counts before it.
+        self.phase = -1
+        self.phase_start_tokens = [0] * len(streams)
         self.buffer: list[int] = []
         self._exhausted = [False] * len(streams)
 
-    def _pick_source(self) -> int | None:
+    def _shares(self, phase: int) -> list[float]:
+        overrides = self.schedule[phase].weights if phase >= 0 else {}
+        weights = [overrides.get(s.source.label, s.source.weight) for s in self.streams]
+        total_weight = sum(weights)
+        return [w / total_weight for w in weights]
+
+    def _update_phase(self) -> None:
         total = sum(self.source_tokens)
+        phase = -1
+        for index, entry in enumerate(self.schedule):
+            if total >= entry.after_tokens:
+                phase = index
+        if phase != self.phase:
+            self.phase = phase
+            self.shares = self._shares(phase)
+            self.phase_start_tokens = list(self.source_tokens)
+
+    def _pick_source(self) -> int | None:
+        self._update_phase()
+        counts = [n - s for n, s in zip(self.source_tokens, self.phase_start_tokens, strict=True)]
+        total = sum(counts)
         best, best_deficit = None, float("-inf")
         for index, share in enumerate(self.shares):
-            if self._exhausted[index]:
+            if self._exhausted[index] or share == 0:
                 continue
-            deficit = share * (total + 1) - self.source_tokens[index]
+            deficit = share * (total + 1) - counts[index]
             if deficit > best_deficit:
                 best, best_deficit = index, deficit
         return best
@@ -137,6 +216,8 @@ class PackedSequences:
         return {
             "sources": [s.state_dict() for s in self.streams],
             "source_tokens": list(self.source_tokens),
+            "phase": self.phase,
+            "phase_start_tokens": list(self.phase_start_tokens),
             "buffer": list(self.buffer),
         }
 
@@ -148,6 +229,11 @@ class PackedSequences:
         for stream, stream_state in zip(self.streams, state["sources"], strict=True):
             stream.load_state_dict(stream_state)
         self.source_tokens = [int(n) for n in state["source_tokens"]]
+        self.phase = int(state.get("phase", -1))
+        self.shares = self._shares(self.phase) if self.phase < len(self.schedule) else self.shares
+        self.phase_start_tokens = [
+            int(n) for n in state.get("phase_start_tokens", [0] * len(self.streams))
+        ]
         self.buffer = [int(t) for t in state["buffer"]]
         self._exhausted = [False] * len(self.streams)
 
@@ -160,9 +246,25 @@ def build_packed_sequences(
     skips: SkipCounter,
     loop: bool,
 ) -> PackedSequences:
-    """A packed stream over `sources` for `split`."""
-    streams = [SourceStream(s, split, tokenizer, data_config, skips, loop) for s in sources]
-    return PackedSequences(streams, data_config.seq_len)
+    """A packed stream over `sources` for `split`.
+
+    With `data.prepared`, documents come from the memory-mapped shards of `scaletrain data
+    prepare` (checked against the tokenizer's fingerprint); otherwise they are read and
+    tokenized on the fly. Both give the same kind of resumable, world-size-free state.
+    """
+    schedule = data_config.mixture_schedule if split == "train" else []
+    streams: list[DocumentStream]
+    if data_config.prepared and split in ("train", "validation"):
+        from data_pipeline.shards import open_prepared_streams
+
+        streams = list(
+            open_prepared_streams(
+                data_config.prepared, sources, split, tokenizer, data_config, loop
+            )
+        )
+    else:
+        streams = [SourceStream(s, split, tokenizer, data_config, skips, loop) for s in sources]
+    return PackedSequences(streams, data_config.seq_len, schedule)
 
 
 class GlobalBatchLoader:
