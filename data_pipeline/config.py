@@ -70,6 +70,7 @@ class DataConfig:
     dedup: bool = False  # exact dedup by hash within each source's epoch
     max_doc_tokens: int = 0  # longer documents are bad input (0: no limit)
     mixture_schedule: list[MixturePhase] = field(default_factory=list)
+    num_workers: int = 0  # processes reading + tokenizing each streamed source (0: in process)
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
@@ -84,6 +85,8 @@ class DataConfig:
             raise ValueError(
                 f"max_nontext_fraction: must be in (0, 1], got {self.max_nontext_fraction}"
             )
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.max_doc_tokens < 0:
             raise ValueError(f"max_doc_tokens: must be >= 0, got {self.max_doc_tokens}")
         labels = [s.label for s in self.train]

@@ -14,8 +14,9 @@ import torch
 
 from data_pipeline.config import DataConfig, MixturePhase, SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources import DocumentFilter, SkipCounter, iter_records
+from data_pipeline.sources import DocumentFilter, SkipCounter, iter_outcomes
 from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.workers import Outcome, WorkerJob, WorkerPool
 
 
 class DocumentStream(Protocol):
@@ -65,70 +66,118 @@ class SourceStream:
         self.loop = loop
         self.epoch = 0
         self.docs_consumed = 0  # documents taken from the current epoch (after filters)
+        self.records_consumed = 0  # records (good or bad) taken from the current epoch
         self.filters = DocumentFilter.from_config(data_config)
         self._skips = _SwitchableSkips(skips)
-        self._documents: Iterator[tuple[str, str]] | None = None
+        self._documents: Iterator[Outcome] | None = None
 
-    def _filtered(self) -> Iterator[tuple[str, str]]:
-        for where, text in iter_records(
+    def _outcomes(self) -> Iterator[Outcome]:
+        """Every record of the epoch in order: read here, or by `data.num_workers` workers."""
+        if self.data_config.num_workers == 0:
+            for where, text in iter_outcomes(
+                self.source,
+                self.split,
+                self._skips,
+                epoch=self.epoch,
+                shuffle_seed=self.data_config.shuffle_seed,
+                validation_percent=self.data_config.builtin_validation_percent,
+            ):
+                yield Outcome(where, text, None, [])
+            return
+        job = WorkerJob(
             self.source,
             self.split,
-            self._skips,
-            epoch=self.epoch,
-            shuffle_seed=self.data_config.shuffle_seed,
-            validation_percent=self.data_config.builtin_validation_percent,
-        ):
-            reason = self.filters.reason_to_drop(text)
-            if reason is not None:
-                self._skips.drop(reason)
-                continue
-            yield where, text
+            self.epoch,
+            self.data_config.shuffle_seed,
+            self.data_config.builtin_validation_percent,
+            tokenize_from=self.records_consumed,
+        )
+        for outcome in WorkerPool(job, self.tokenizer, self.data_config.num_workers):
+            for where, reason in outcome.skips:  # in global order; raises here when strict
+                self._skips.skip(where, reason)
+            yield outcome
 
-    def _open(self) -> Iterator[tuple[str, str]]:
+    def _open(self) -> Iterator[Outcome]:
         self.filters.reset()
-        documents = self._filtered()
-        self._skips.target = SkipCounter(strict=False)  # replay: counted before the checkpoint
-        for _ in range(self.docs_consumed):  # fast-forward on resume (read, not tokenized)
-            next(documents, None)
+        outcomes = self._outcomes()
+        # Replay the consumed part of the epoch (read, not tokenized) to rebuild the dedup
+        # memory; what it skips was counted before the checkpoint.
+        self._skips.target = SkipCounter(strict=False)
+        records = docs = 0
+        while records < self.records_consumed or (
+            self.records_consumed == 0 and docs < self.docs_consumed  # a pre-records state
+        ):
+            outcome = next(outcomes, None)
+            if outcome is None:
+                break
+            if not outcome.is_record:
+                continue
+            records += 1
+            if outcome.text is not None and self.filters.reason_to_drop(outcome.text) is None:
+                docs += 1
+        self.records_consumed = records
         self._skips.target = self.skips
-        return documents
+        return outcomes
 
-    def _next_text(self) -> tuple[str, str] | None:
+    def _next_outcome(self) -> Outcome | None:
         for _ in range(2):
             if self._documents is None:
                 self._documents = self._open()
-            record = next(self._documents, None)
-            if record is not None:
+            for outcome in self._documents:
+                if not outcome.is_record:
+                    continue
+                self.records_consumed += 1
+                if outcome.text is None:
+                    continue
+                reason = self.filters.reason_to_drop(outcome.text)
+                if reason is not None:
+                    self._skips.drop(reason)
+                    continue
                 self.docs_consumed += 1
-                return record
+                return outcome
             if not self.loop:
                 return None
             if self.docs_consumed == 0:
                 raise DataError(f"{self.source.path}: source yields no usable documents")
             self.epoch += 1
-            self.docs_consumed = 0
+            self.docs_consumed = self.records_consumed = 0
             self._documents = None
         raise DataError(f"{self.source.path}: source yields no usable documents")
 
     def next_document(self) -> list[int] | None:
         """The next document's tokens followed by EOS, or None when a non-looping source ends."""
         limit = self.data_config.max_doc_tokens
-        while (record := self._next_text()) is not None:
-            where, text = record
-            tokens = self.tokenizer.encode(text)
+        while (outcome := self._next_outcome()) is not None:
+            assert outcome.text is not None
+            tokens = (
+                outcome.tokens.tolist()
+                if outcome.tokens is not None
+                else self.tokenizer.encode(outcome.text)
+            )
             if limit and len(tokens) > limit:
-                self.skips.skip(where, f"document longer than {limit} tokens")
+                self.skips.skip(outcome.where, f"document longer than {limit} tokens")
                 continue
             return [*tokens, self.tokenizer.eos_id]
         return None
 
+    def close(self) -> None:
+        """Stop any worker processes (they restart from the state when needed)."""
+        if self._documents is not None:
+            self._documents.close()  # type: ignore[attr-defined]
+            self._documents = None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "docs_consumed": self.docs_consumed}
+        return {
+            "epoch": self.epoch,
+            "docs_consumed": self.docs_consumed,
+            "records_consumed": self.records_consumed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
         self.epoch = int(state["epoch"])
         self.docs_consumed = int(state["docs_consumed"])
-        self._documents = None
+        self.records_consumed = int(state.get("records_consumed", 0))
 
 
 class PackedSequences:

@@ -326,7 +326,7 @@ def _decode(
 
 def _iter_json_array(
     file: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str | None]]:
     try:
         with _open_binary(file) as handle:
             raw = handle.read()
@@ -350,10 +350,9 @@ def _iter_json_array(
         where = f"{file}#{index}"
         if not isinstance(record, dict):
             skips.skip(where, "record is not a JSON object")
+            yield where, None
             continue
-        text = _check_text(record.get(field), where, field, skips)
-        if text is not None:
-            yield where, text
+        yield where, _check_text(record.get(field), where, field, skips)
 
 
 def _starts_with_bracket(file: str) -> bool:
@@ -366,7 +365,7 @@ def _starts_with_bracket(file: str) -> bool:
 
 def _iter_jsonl(
     file: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str | None]]:
     if _base_suffix(file) == ".json" and _starts_with_bracket(file):
         yield from _iter_json_array(file, field, skips, cursor)
         return
@@ -376,24 +375,25 @@ def _iter_jsonl(
         where = f"{file}:{line_no}"
         line = _decode(raw, where, skips)
         if line is None:
+            yield where, None
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             truncated = is_last and not raw.endswith(b"\n")
             skips.skip(where, "truncated last line" if truncated else "malformed JSON")
+            yield where, None
             continue
         if not isinstance(record, dict):
             skips.skip(where, "record is not a JSON object")
+            yield where, None
             continue
-        text = _check_text(record.get(field), where, field, skips)
-        if text is not None:
-            yield where, text
+        yield where, _check_text(record.get(field), where, field, skips)
 
 
 def _iter_text_files(
     files: list[str], skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str | None]]:
     """Each file is one document."""
     for file in files:
         if not cursor.take():
@@ -403,17 +403,15 @@ def _iter_text_files(
                 raw = handle.read()
         except Exception as exc:  # gzip/zstd/OS errors come in many types
             _read_failed(file, exc, skips, None)  # only the owner of the file reads it
+            yield file, None
             continue
         text = _decode(raw, file, skips)
-        if text is not None:
-            text = _check_text(text, file, "text", skips)
-        if text is not None:
-            yield file, text
+        yield file, None if text is None else _check_text(text, file, "text", skips)
 
 
 def _iter_parquet(
     file: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str | None]]:
     rows = datasets.load_dataset("parquet", data_files=[file], split="train", streaming=True)
     for row_no, row in enumerate(_rows(rows, file, skips, cursor.reader), start=1):
         if field not in row:
@@ -421,14 +419,12 @@ def _iter_parquet(
         if not cursor.take():
             continue
         where = f"{file}:{row_no}"
-        text = _check_text(row[field], where, field, skips)
-        if text is not None:
-            yield where, text
+        yield where, _check_text(row[field], where, field, skips)
 
 
 def _iter_hub(
     name: str, split: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str | None]]:
     dataset_name, _, config_name = name.partition(":")
     try:
         rows = datasets.load_dataset(dataset_name, config_name or None, split=split, streaming=True)
@@ -438,9 +434,7 @@ def _iter_hub(
         if not cursor.take():
             continue
         where = f"hf:{name}#{row_no}"
-        text = _check_text(row.get(field), where, field, skips)
-        if text is not None:
-            yield where, text
+        yield where, _check_text(row.get(field), where, field, skips)
 
 
 def source_files(source: SourceConfig, split: str, validation_percent: float = 2.0) -> list[str]:
@@ -452,7 +446,7 @@ def source_files(source: SourceConfig, split: str, validation_percent: float = 2
     return resolve_local_files(source.path)
 
 
-def iter_records(
+def iter_outcomes(
     source: SourceConfig,
     split: str,
     skips: SkipCounter,
@@ -460,16 +454,19 @@ def iter_records(
     shuffle_seed: int = 0,
     validation_percent: float = 2.0,
     reader: Reader | None = None,
-) -> Iterator[tuple[str, str]]:
-    """(where, text) of the good documents of `source` this reader owns, in a fixed order.
+) -> Iterator[tuple[str, str | None]]:
+    """(where, text) for every record of `source` this reader owns, in a fixed order.
 
+    `text` is None for a bad record (already counted in `skips`, or raised in strict mode):
+    one outcome per record is what lets readers' outputs be merged back into the global order.
     `where` is `file:line` (or the file, for whole-file documents). Training order is shuffled
     at file level with (shuffle_seed, epoch), so each epoch has its own order and a resumed run
     can replay it exactly. With `reader`, only the records it owns are parsed and yielded.
     """
     cursor = _Cursor(reader or Reader())
     if source.path == BUILTIN_STDLIB:
-        files = stdlib_files(split, validation_percent, skips if epoch == 0 else None)
+        counted = epoch == 0 and cursor.reader.index == 0  # files, not records: count once
+        files = stdlib_files(split, validation_percent, skips if counted else None)
         if split == "train":
             random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
         yield from _iter_text_files(files, skips, cursor)
@@ -494,6 +491,23 @@ def iter_records(
             yield from _iter_parquet(file, source.text_field, skips, cursor)
         else:
             yield from _iter_text_files([file], skips, cursor)
+
+
+def iter_records(
+    source: SourceConfig,
+    split: str,
+    skips: SkipCounter,
+    epoch: int = 0,
+    shuffle_seed: int = 0,
+    validation_percent: float = 2.0,
+    reader: Reader | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(where, text) of the good documents among `iter_outcomes`."""
+    for where, text in iter_outcomes(
+        source, split, skips, epoch, shuffle_seed, validation_percent, reader
+    ):
+        if text is not None:
+            yield where, text
 
 
 def iter_documents(

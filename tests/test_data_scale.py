@@ -346,6 +346,7 @@ def test_resume_equals_uninterrupted_on_same_and_other_world_sizes(
     states = [json.loads(json.dumps(loader.state_dict())) for loader in interrupted]
     assert all(state == states[0] for state in states)  # global, not per rank
     for size, micro in ((2, 2), (3, 2), (1, 12)):
+        config.num_workers = 0 if prepared else size - 1  # 1, 2 or 0 reader processes
         resumed = world(size, micro)
         for loader in resumed:
             loader.load_state_dict(states[0])
@@ -378,3 +379,29 @@ def test_cli_data_prepare_writes_shards_training_can_read(
     config_path.write_text(yaml.safe_dump(raw))
     assert main(["data", "prepare", str(config_path)]) == 2
     assert "data.prepare_dir" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- worker processes
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_worker_processes_give_the_single_process_stream(
+    tokenizer: Tokenizer, tmp_path: Path, num_workers: int
+) -> None:
+    _uneven_folder(tmp_path / "data")
+    (tmp_path / "data" / "e.jsonl").write_bytes(
+        _jsonl(["dup", "dup"]) + b"{oops\n" + b'{"text": 7}\n' + _jsonl(["x" * 3000])
+    )
+    source = SourceConfig(str(tmp_path / "data"))
+
+    def run(workers: int, strict: bool = False) -> tuple[list[list[int]], dict[str, int]]:
+        config = DataConfig(seq_len=16, num_workers=workers, dedup=True, max_doc_tokens=500)
+        skips = SkipCounter(strict)
+        stream = build_packed_sequences([source], "train", tokenizer, config, skips, loop=True)
+        sequences = [stream.next_sequence().tolist() for _ in range(300)]  # type: ignore[union-attr]
+        return sequences, dict(skips.counts)
+
+    expected_sequences, expected_counts = run(0)
+    assert expected_counts["malformed JSON"] >= 1 and expected_counts["filtered: exact duplicate"]
+    assert expected_counts["document longer than 500 tokens"] >= 1
+    assert run(num_workers) == (expected_sequences, expected_counts)
+    with pytest.raises(DataError, match=r"e\.jsonl:3: malformed JSON$"):
+        run(num_workers, strict=True)
