@@ -91,6 +91,7 @@ class SourceStream:
             self.data_config.shuffle_seed,
             self.data_config.builtin_validation_percent,
             tokenize_from=self.records_consumed,
+            send_texts=self.filters.active,
         )
         for outcome in WorkerPool(job, self.tokenizer, self.data_config.num_workers):
             for where, reason in outcome.skips:  # in global order; raises here when strict

@@ -102,6 +102,11 @@ class DocumentFilter:
     def from_config(cls, config: DataConfig) -> DocumentFilter:
         return cls(config.min_doc_chars, config.max_nontext_fraction, config.dedup)
 
+    @property
+    def active(self) -> bool:
+        """Whether any filter can drop a document (else texts need not be looked at)."""
+        return self.min_chars > 0 or self.max_nontext_fraction < 1.0 or self.dedup
+
     def reset(self) -> None:
         self._seen.clear()
 

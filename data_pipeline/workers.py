@@ -59,6 +59,7 @@ class WorkerJob:
     shuffle_seed: int
     validation_percent: float
     tokenize_from: int  # records before this index are replayed (texts only) on resume
+    send_texts: bool = True  # False when no filter needs them: good records carry "" instead
 
 
 def _worker_main(
@@ -86,9 +87,9 @@ def _worker_main(
                 pending_texts.append(len(batch) - 1)
             record += reader.count
             if len(batch) >= BATCH_RECORDS:
-                _send(batch, pending_texts, tokenizer, out)
+                _send(batch, pending_texts, tokenizer, out, job.send_texts)
                 batch, pending_texts = [], []
-        _send(batch, pending_texts, tokenizer, out)
+        _send(batch, pending_texts, tokenizer, out, job.send_texts)
         out.put(("end", skips.events))
     except Exception as exc:  # reported in the main process, which raises it
         message = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
@@ -96,13 +97,20 @@ def _worker_main(
 
 
 def _send(
-    batch: list[Outcome], pending: list[int], tokenizer: Tokenizer, out: mp.queues.Queue[Any]
+    batch: list[Outcome],
+    pending: list[int],
+    tokenizer: Tokenizer,
+    out: mp.queues.Queue[Any],
+    send_texts: bool = True,
 ) -> None:
     if not batch:
         return
     texts = [batch[i].text or "" for i in pending]
     for index, ids in zip(pending, tokenizer.encode_batch(texts), strict=True):
         batch[index].tokens = np.asarray(ids, dtype=np.int32)
+    if not send_texts:  # halves what crosses the process boundary
+        for index in pending:
+            batch[index].text = ""
     out.put(("batch", batch))
 
 
