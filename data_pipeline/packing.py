@@ -368,3 +368,22 @@ class GlobalBatchLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sequences.load_state_dict(state)
+
+
+def document_segments(inputs: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document boundaries of packed `inputs` (B, T), for document-masked attention.
+
+    Returns (segment_ids, position_ids), both (B, T): tokens share a segment id when they
+    belong to the same document (a document ends with its EOS, so the token after an EOS
+    starts a new segment), and positions restart at 0 in each segment. Attention may then be
+    restricted to `segment_ids[:, :, None] == segment_ids[:, None, :]` (plus causality),
+    and RoPE may use `position_ids`.
+    """
+    is_eos = (inputs == eos_id).long()
+    # A token's segment is the number of EOS tokens strictly before it.
+    segment_ids = torch.cumsum(is_eos, dim=1) - is_eos
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    starts = torch.zeros_like(inputs)
+    starts[:, 1:] = is_eos[:, :-1] * index[:, 1:]
+    segment_start = torch.cummax(starts, dim=1).values
+    return segment_ids, index - segment_start

@@ -405,3 +405,13 @@ def test_worker_processes_give_the_single_process_stream(
     assert run(num_workers) == (expected_sequences, expected_counts)
     with pytest.raises(DataError, match=r"e\.jsonl:3: malformed JSON$"):
         run(num_workers, strict=True)
+
+
+def test_document_segments_mark_boundaries_for_document_masking() -> None:
+    from data_pipeline.packing import document_segments
+
+    eos = 3
+    inputs = torch.tensor([[5, 6, 3, 7, 8, 9, 3, 4], [3, 5, 5, 5, 3, 3, 6, 6]])
+    segments, positions = document_segments(inputs, eos)
+    assert segments.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 2, 3, 3]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 0, 0, 1]]
