@@ -168,6 +168,7 @@ class SourceStream:
             self._documents = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The position: epoch, documents and records consumed in it."""
         return {
             "epoch": self.epoch,
             "docs_consumed": self.docs_consumed,
@@ -175,6 +176,7 @@ class SourceStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go back to a saved position; the epoch is replayed up to it on the next read."""
         self.close()
         self.epoch = int(state["epoch"])
         self.docs_consumed = int(state["docs_consumed"])

@@ -215,6 +215,7 @@ class ShardSource:
             raise DataError(f"{root / entry['index_file']}: document count does not match")
 
     def __len__(self) -> int:
+        """The number of documents."""
         return len(self.offsets) - 1
 
     def document(self, index: int) -> np.ndarray[Any, Any]:
@@ -256,6 +257,7 @@ class ShardSourceStream:
         return self._order
 
     def next_document(self) -> list[int] | None:
+        """The next document's tokens (ending with EOS), or None when a non-looping source ends."""
         if self.docs_consumed >= len(self.shard):
             if not self.loop:
                 return None
@@ -267,9 +269,11 @@ class ShardSourceStream:
         return self.shard.document(index).tolist()
 
     def state_dict(self) -> dict[str, Any]:
+        """The position: epoch and documents consumed in it."""
         return {"epoch": self.epoch, "docs_consumed": self.docs_consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Jump to a saved position (O(1): documents are read by index)."""
         self.epoch = int(state["epoch"])
         self.docs_consumed = int(state["docs_consumed"])
         self._order = None

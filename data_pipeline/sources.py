@@ -80,6 +80,7 @@ class Reader:
         return cls(rank * per_rank + worker, world_size * per_rank)
 
     def owns(self, record_index: int) -> bool:
+        """Whether record `record_index` of an epoch is this reader's to parse."""
         return record_index % self.count == self.index
 
 
@@ -100,6 +101,7 @@ class DocumentFilter:
 
     @classmethod
     def from_config(cls, config: DataConfig) -> DocumentFilter:
+        """The filters that `data.*` asks for."""
         return cls(config.min_doc_chars, config.max_nontext_fraction, config.dedup)
 
     @property
@@ -108,6 +110,7 @@ class DocumentFilter:
         return self.min_chars > 0 or self.max_nontext_fraction < 1.0 or self.dedup
 
     def reset(self) -> None:
+        """Forget the documents seen (at the start of each epoch)."""
         self._seen.clear()
 
     def reason_to_drop(self, text: str) -> str | None:

@@ -415,3 +415,22 @@ def test_document_segments_mark_boundaries_for_document_masking() -> None:
     segments, positions = document_segments(inputs, eos)
     assert segments.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 2, 3, 3]]
     assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 0, 0, 1]]
+
+
+def test_parquet_bad_values_are_counted_or_stop_strict(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    table = pa.table({"text": ["good one", None, "  ", "good two"], "n": [1, 2, 3, 4]})
+    pq.write_table(table, path)
+    skips = SkipCounter(strict=False)
+    assert list(iter_documents(SourceConfig(str(path)), "train", skips)) == ["good one", "good two"]
+    assert skips.counts == {"missing field 'text'": 1, "empty document": 1}
+    with pytest.raises(DataError, match=rf"^{path}:2: missing field 'text'$"):
+        list(iter_documents(SourceConfig(str(path)), "train", SkipCounter(strict=True)))
+    numbers = SourceConfig(str(path), text_field="n")
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'n' is not a string$"):
+        list(iter_documents(numbers, "train", SkipCounter(strict=True)))
+    with pytest.raises(DataError, match="no column 'body'"):
+        list(iter_documents(SourceConfig(str(path), text_field="body"), "train", skips))
