@@ -8,7 +8,7 @@ depend on the number of ranks: ranks take their slice of each *global* batch (se
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +29,19 @@ class DocumentStream(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class RandomAccessStream(DocumentStream, Protocol):
+    """A stream whose documents can be measured without being read (prepared shards)."""
+
+    def next_document_span(self) -> tuple[int, int] | None:
+        """(document index, length in tokens incl. EOS) of the next document, or None."""
+        ...
+
+    def read_tokens(self, document: int, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of document `document`."""
+        ...
 
 
 class _SwitchableSkips(SkipCounter):
@@ -209,6 +222,11 @@ class PackedSequences:
         self.phase = -1
         self.phase_start_tokens = [0] * len(streams)
         self.buffer: list[int] = []
+        # With random-access streams the buffer is kept as spans [source, document, start, end]:
+        # the mixture and the cuts need only document lengths, so a rank can skip the other
+        # ranks' sequences without reading their tokens.
+        self.random_access = all(isinstance(s, RandomAccessStream) for s in streams)
+        self.spans: list[list[int]] = []
         self._exhausted = [False] * len(streams)
 
     def _shares(self, phase: int) -> list[float]:
@@ -241,8 +259,59 @@ class PackedSequences:
                 best, best_deficit = index, deficit
         return best
 
+    def _fill_spans(self) -> bool:
+        while sum(end - start for _, _, start, end in self.spans) < self.seq_len + 1:
+            index = self._pick_source()
+            if index is None:
+                return False
+            stream = self.streams[index]
+            assert isinstance(stream, RandomAccessStream)
+            span = stream.next_document_span()
+            if span is None:
+                self._exhausted[index] = True
+                continue
+            document, length = span
+            self.source_tokens[index] += length
+            self.spans.append([index, document, 0, length])
+        return True
+
+    def _cut_spans(self, read: bool) -> list[int]:
+        """Read (if `read`) the next seq_len + 1 tokens, then drop seq_len of them."""
+        tokens: list[int] = []
+        if read:
+            wanted = self.seq_len + 1
+            for index, document, start, end in self.spans:
+                take = min(end - start, wanted - len(tokens))
+                stream = self.streams[index]
+                assert isinstance(stream, RandomAccessStream)
+                tokens += stream.read_tokens(document, start, start + take)
+                if len(tokens) == wanted:
+                    break
+        drop = self.seq_len
+        while drop:
+            span = self.spans[0]
+            step = min(span[3] - span[2], drop)
+            span[2] += step
+            drop -= step
+            if span[2] == span[3]:
+                self.spans.pop(0)
+        return tokens
+
+    def skip_sequence(self) -> bool:
+        """Advance past the next sequence, reading as little as possible; False at the end."""
+        if self.random_access:
+            if not self._fill_spans():
+                return False
+            self._cut_spans(read=False)
+            return True
+        return self.next_sequence() is not None
+
     def next_sequence(self) -> torch.Tensor | None:
         """The next (seq_len + 1,) LongTensor, or None at the end of non-looping sources."""
+        if self.random_access:
+            if not self._fill_spans():
+                return None
+            return torch.tensor(self._cut_spans(read=True), dtype=torch.long)
         while len(self.buffer) < self.seq_len + 1:
             index = self._pick_source()
             if index is None:
@@ -271,6 +340,7 @@ class PackedSequences:
             "phase": self.phase,
             "phase_start_tokens": list(self.phase_start_tokens),
             "buffer": list(self.buffer),
+            "spans": [list(span) for span in self.spans],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,6 +357,7 @@ class PackedSequences:
             int(n) for n in state.get("phase_start_tokens", [0] * len(self.streams))
         ]
         self.buffer = [int(t) for t in state["buffer"]]
+        self.spans = [[int(v) for v in span] for span in state.get("spans", [])]
         self._exhausted = [False] * len(self.streams)
 
 
@@ -352,14 +423,21 @@ class GlobalBatchLoader:
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the next global batch, each (inputs, labels) of (b, T)."""
+        per_rank = self.global_batch_seqs // self.world_size
+        first, last = self.rank * per_rank, (self.rank + 1) * per_rank
+        skip = getattr(self.sequences, "skip_sequence", None)
         batch = []
-        for _ in range(self.global_batch_seqs):
+        for index in range(self.global_batch_seqs):
+            if skip is not None and not first <= index < last:
+                # Other ranks' sequences: over prepared shards, not even read from disk.
+                if not skip():
+                    raise DataError("training data ran out (the training sources should loop)")
+                continue
             sequence = self.sequences.next_sequence()
             if sequence is None:
                 raise DataError("training data ran out (the training sources should loop)")
             batch.append(sequence)
-        per_rank = self.global_batch_seqs // self.world_size
-        mine = torch.stack(batch[self.rank * per_rank : (self.rank + 1) * per_rank])
+        mine = torch.stack(batch)
         return [
             (chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
             for chunk in mine.split(self.micro_batch_size)

@@ -256,8 +256,8 @@ class ShardSourceStream:
                 self._order = np.arange(len(self.shard))
         return self._order
 
-    def next_document(self) -> list[int] | None:
-        """The next document's tokens (ending with EOS), or None when a non-looping source ends."""
+    def next_document_span(self) -> tuple[int, int] | None:
+        """(document index, length incl. EOS) of the next document; its tokens are not read."""
         if self.docs_consumed >= len(self.shard):
             if not self.loop:
                 return None
@@ -266,7 +266,16 @@ class ShardSourceStream:
             self._order = None
         index = int(self._epoch_order()[self.docs_consumed])
         self.docs_consumed += 1
-        return self.shard.document(index).tolist()
+        return index, int(self.shard.offsets[index + 1] - self.shard.offsets[index])
+
+    def read_tokens(self, document: int, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of document `document` (read from the memory map)."""
+        return self.shard.document(document)[start:end].tolist()
+
+    def next_document(self) -> list[int] | None:
+        """The next document's tokens (ending with EOS), or None when a non-looping source ends."""
+        span = self.next_document_span()
+        return None if span is None else self.read_tokens(span[0], 0, span[1])
 
     def state_dict(self) -> dict[str, Any]:
         """The position: epoch and documents consumed in it."""

@@ -434,3 +434,41 @@ def test_parquet_bad_values_are_counted_or_stop_strict(tmp_path: Path) -> None:
         list(iter_documents(numbers, "train", SkipCounter(strict=True)))
     with pytest.raises(DataError, match="no column 'body'"):
         list(iter_documents(SourceConfig(str(path), text_field="body"), "train", skips))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_over_prepared_shards_each_rank_reads_only_its_own_tokens(
+    tokenizer: Tokenizer, corpus: Path, tmp_path: Path, world_size: int
+) -> None:
+    config, sources = _prepare(tokenizer, corpus, tmp_path / "shards")
+    eager = build_packed_sequences(sources, "train", tokenizer, config, SkipCounter(False), True)
+    eager.random_access = False  # the token-buffer path: the reference stream
+    expected = [eager.next_sequence() for _ in range(20 * 12)]
+    read_by_rank = []
+    got: list[torch.Tensor] = []
+    loaders = []
+    for rank in range(world_size):
+        stream = build_packed_sequences(
+            sources, "train", tokenizer, config, SkipCounter(False), True
+        )
+        assert stream.random_access
+        read = [0]
+        for source_stream in stream.streams:
+            original = source_stream.read_tokens  # type: ignore[attr-defined]
+
+            def counting(
+                doc: int, start: int, end: int, original: Any = original, read: list[int] = read
+            ) -> list[int]:
+                read[0] += end - start
+                tokens: list[int] = original(doc, start, end)
+                return tokens
+
+            source_stream.read_tokens = counting  # type: ignore[attr-defined]
+        read_by_rank.append(read)
+        loaders.append(GlobalBatchLoader(stream, 12, 2, rank, world_size))
+    for _ in range(20):
+        for loader in loaders:
+            got += [row for x, y in loader.next_batch() for row in torch.cat([x, y[:, -1:]], 1)]
+    assert all(a.equal(b) for a, b in zip(expected, got, strict=True))
+    # every rank reads just its own sequences (seq_len + 1 tokens each), nobody else's
+    assert [r[0] for r in read_by_rank] == [20 * 12 // world_size * 17] * world_size
