@@ -30,6 +30,7 @@ from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.sources import DocumentFilter, SkipCounter, iter_records, source_files
 from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.workers import WorkerJob, WorkerPool
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -64,6 +65,38 @@ def _file_stem(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
 
 
+def _documents(
+    source: SourceConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    config: DataConfig,
+    skips: SkipCounter,
+    filters: DocumentFilter,
+) -> Iterator[tuple[str, str, np.ndarray[Any, Any] | None]]:
+    """(where, text, tokens or None) of the good documents, in the epoch-0 order; with
+    `data.num_workers`, read and tokenized by worker processes (same order and counts)."""
+    if config.num_workers == 0:
+        for where, text in iter_records(
+            source, split, skips, 0, config.shuffle_seed, config.builtin_validation_percent
+        ):
+            yield where, text, None
+        return
+    job = WorkerJob(
+        source,
+        split,
+        0,
+        config.shuffle_seed,
+        config.builtin_validation_percent,
+        tokenize_from=0,
+        send_texts=filters.active,
+    )
+    for outcome in WorkerPool(job, tokenizer, config.num_workers):
+        for where, reason in outcome.skips:
+            skips.skip(where, reason)
+        if outcome.is_record and outcome.text is not None:
+            yield outcome.where, outcome.text, outcome.tokens
+
+
 def _write_source(
     source: SourceConfig,
     split: str,
@@ -79,12 +112,14 @@ def _write_source(
     filters = DocumentFilter.from_config(config)
     limit = config.max_doc_tokens
     offsets = [0]
-    pending: list[tuple[str, str]] = []
+    pending: list[tuple[str, str, np.ndarray[Any, Any] | None]] = []
 
     def flush(handle: Any) -> None:
-        for (where, _), ids in zip(
-            pending, tokenizer.encode_batch([t for _, t in pending]), strict=True
-        ):
+        untokenized = [i for i, (_, _, tokens) in enumerate(pending) if tokens is None]
+        encoded = tokenizer.encode_batch([pending[i][1] for i in untokenized])
+        by_index = dict(zip(untokenized, encoded, strict=True))
+        for i, (where, _, tokens) in enumerate(pending):
+            ids = by_index[i] if tokens is None else tokens.tolist()
             if limit and len(ids) > limit:
                 skips.skip(where, f"document longer than {limit} tokens")
                 continue
@@ -94,15 +129,12 @@ def _write_source(
         pending.clear()
 
     with tokens_path.open("wb") as handle:
-        records = iter_records(
-            source, split, skips, 0, config.shuffle_seed, config.builtin_validation_percent
-        )
-        for where, text in records:
+        for where, text, tokens in _documents(source, split, tokenizer, config, skips, filters):
             reason = filters.reason_to_drop(text)
             if reason is not None:
                 skips.drop(reason)
                 continue
-            pending.append((where, text))
+            pending.append((where, text, tokens))
             if len(pending) >= ENCODE_BATCH_DOCS:
                 flush(handle)
         flush(handle)

@@ -472,3 +472,25 @@ def test_over_prepared_shards_each_rank_reads_only_its_own_tokens(
     assert all(a.equal(b) for a, b in zip(expected, got, strict=True))
     # every rank reads just its own sequences (seq_len + 1 tokens each), nobody else's
     assert [r[0] for r in read_by_rank] == [20 * 12 // world_size * 17] * world_size
+
+
+def test_prepare_with_worker_processes_writes_identical_shards(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    _uneven_folder(tmp_path / "data")
+    (tmp_path / "data" / "e.jsonl").write_bytes(
+        _jsonl(["dup", "dup"]) + b"{oops\n" + b'{"text": 7}\n' + _jsonl(["x" * 3000])
+    )
+    source = SourceConfig(str(tmp_path / "data"), name="mixed")
+    outputs = []
+    for workers in (0, 2):
+        config = DataConfig(
+            train=[source], validation=[source], num_workers=workers, dedup=True, max_doc_tokens=500
+        )
+        out = tmp_path / f"shards{workers}"
+        metadata = prepare_shards(config, tokenizer, out, SkipCounter(False))
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.*")}
+        outputs.append((files, metadata["skipped_records"]))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1]["malformed JSON"] == 2 and outputs[0][1]["filtered: exact duplicate"] == 2
+    assert outputs[0][1]["document longer than 500 tokens"] == 2
