@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from data_pipeline.config import DataConfig, SourceConfig
-from data_pipeline.packing import build_packed_sequences
+from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences
 from data_pipeline.shards import prepare_shards
 from data_pipeline.sources import SkipCounter, stdlib_files
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
@@ -59,6 +59,22 @@ def time_pipeline(
     sequences = sum(1 for _ in stream)
     elapsed = time.perf_counter() - started
     return elapsed, sequences * config.seq_len
+
+
+def time_rank_of_world(
+    source: SourceConfig, tokenizer: Tokenizer, config: DataConfig, world_size: int
+) -> tuple[float, int]:
+    """Rank 0's loader over shards: it skips the other ranks' sequences without reading them."""
+    stream = build_packed_sequences(
+        [source], "train", tokenizer, config, SkipCounter(False), loop=True
+    )
+    global_batch = 8 * world_size
+    loader = GlobalBatchLoader(stream, global_batch, 8, rank=0, world_size=world_size)
+    steps = max(1, stream.streams[0].shard.entry["tokens"] // (global_batch * config.seq_len))  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    for _ in range(steps):
+        loader.next_batch()
+    return time.perf_counter() - started, steps * global_batch * config.seq_len
 
 
 def main() -> None:
@@ -106,9 +122,24 @@ def main() -> None:
                 prepared_tokens,
             )
         )
+        config.num_workers = 2
+        started = time.perf_counter()
+        prepare_shards(config, tokenizer, folder / "shards2", SkipCounter(False))
+        rows.append(
+            (
+                "data prepare, 2 workers",
+                time.perf_counter() - started,
+                prepared_tokens,
+            )
+        )
+        config.num_workers = 0
         config.prepared = str(folder / "shards")
         elapsed, tokens = time_pipeline(source, tokenizer, config)
         rows.append(("training read from prepared shards (pack)", elapsed, tokens))
+        elapsed, tokens = time_rank_of_world(source, tokenizer, config, world_size=4)
+        rows.append(
+            ("one rank of 4 over prepared shards (global tokens advanced)", elapsed, tokens)
+        )
 
     raw_rate = rows[0][2] / rows[0][1]
     print(
