@@ -28,7 +28,8 @@ class SourceConfig:
 
 @dataclass
 class MixturePhase:
-    """From `after_tokens` training tokens on, mix the train sources by `weights` (by name).
+    """Once `after_tokens` tokens have been drawn from the train sources (all ranks together:
+    the count is global), mix them by `weights` (by source name).
 
     Sources a phase does not name keep their own `weight`; a weight of 0 pauses a source.
     Use it for e.g. a final annealing mix of high-quality data.

@@ -61,9 +61,10 @@ class SkipCounter:
 class Reader:
     """One reader of a source: records with global index i are read by reader i % count.
 
-    Ranks x DataLoader workers form `count = world_size * num_workers` readers, so across the
-    world every record of an epoch is parsed, checked and tokenized by exactly one of them,
-    whatever the number or sizes of the files.
+    Any set of readers {0..count-1} parses every record of an epoch exactly once, whatever the
+    number or sizes of the files (`Reader.of` numbers ranks x workers this way). Training uses
+    it for the worker processes of a rank (`data.num_workers`); the global mixture still needs
+    every document's length on every rank, which prepared shards give without reading tokens.
     """
 
     index: int = 0
