@@ -60,7 +60,7 @@ class _SwitchableSkips(SkipCounter):
 
 
 class SourceStream:
-    """Tokenized documents of one source, looping over epochs, resumable by document count."""
+    """Tokenized documents of one source, looping over epochs, resumable by record count."""
 
     def __init__(
         self,

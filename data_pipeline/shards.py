@@ -104,12 +104,12 @@ def _write_source(
     tokenizer: Tokenizer,
     config: DataConfig,
     skips: SkipCounter,
+    filters: DocumentFilter,
 ) -> dict[str, Any]:
     """Tokenize one source into `folder`; return its metadata entry."""
     dtype = token_dtype(tokenizer.vocab_size)
     stem = _file_stem(source.label)
     tokens_path, index_path = folder / f"{stem}.tokens", folder / f"{stem}.index.npy"
-    filters = DocumentFilter.from_config(config)
     limit = config.max_doc_tokens
     offsets = [0]
     pending: list[tuple[str, str, np.ndarray[Any, Any] | None]] = []
@@ -169,9 +169,10 @@ def prepare_shards(
         folder = root / split
         folder.mkdir(exist_ok=True)
         splits[split] = []
+        filters = DocumentFilter.from_config(config)  # dedup spans every source of the split
         for source in sources:
             started = time.perf_counter()
-            entry = _write_source(source, split, folder, tokenizer, config, skips)
+            entry = _write_source(source, split, folder, tokenizer, config, skips, filters)
             elapsed = time.perf_counter() - started
             log(
                 f"{split}/{entry['name']}: {entry['documents']:,} documents, "

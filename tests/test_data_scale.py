@@ -494,3 +494,13 @@ def test_prepare_with_worker_processes_writes_identical_shards(
     assert outputs[0] == outputs[1]
     assert outputs[0][1]["malformed JSON"] == 2 and outputs[0][1]["filtered: exact duplicate"] == 2
     assert outputs[0][1]["document longer than 500 tokens"] == 2
+
+
+def test_prepare_dedups_across_the_sources_of_a_split(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    first = _write(tmp_path / "a.jsonl", _jsonl(["shared text", "only in a"]))
+    second = _write(tmp_path / "b.jsonl", _jsonl(["only in b", "shared text"]))
+    sources = [SourceConfig(str(first), name="a"), SourceConfig(str(second), name="b")]
+    config = DataConfig(train=sources, validation=sources[:1], dedup=True)
+    metadata = prepare_shards(config, tokenizer, tmp_path / "shards", SkipCounter(True))
+    assert [e["documents"] for e in metadata["splits"]["train"]] == [2, 1]
+    assert metadata["skipped_records"] == {"filtered: exact duplicate": 1}
