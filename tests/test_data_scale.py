@@ -504,3 +504,18 @@ def test_prepare_dedups_across_the_sources_of_a_split(tokenizer: Tokenizer, tmp_
     metadata = prepare_shards(config, tokenizer, tmp_path / "shards", SkipCounter(True))
     assert [e["documents"] for e in metadata["splits"]["train"]] == [2, 1]
     assert metadata["skipped_records"] == {"filtered: exact duplicate": 1}
+
+
+def test_hub_source_streams_a_local_dataset_folder(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    _write(tmp_path / "ds" / "train.jsonl", _jsonl(["a doc"]) + b'{"text": 5}\n' + _jsonl(["b"]))
+    source = SourceConfig(f"hf:{tmp_path / 'ds'}")
+    skips = SkipCounter(strict=False)
+    assert list(iter_documents(source, "train", skips)) == ["a doc", "b"]
+    assert skips.counts == {"field 'text' is not a string": 1}
+    halves = [
+        iter_documents(source, "train", SkipCounter(False), reader=Reader(i, 2)) for i in (0, 1)
+    ]
+    assert [list(h) for h in halves] == [["a doc", "b"], []]
+    with pytest.raises(DataError, match=r"#2: field 'text' is not a string$"):
+        list(iter_documents(source, "train", SkipCounter(strict=True)))
