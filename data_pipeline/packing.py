@@ -396,6 +396,8 @@ class GlobalBatchLoader:
     Global batch `g` is sequences [g*B, (g+1)*B) of the packed stream, whatever the world size;
     rank r takes a contiguous B/world slice, split into micro-batches. The state is the stream's
     state at a global-batch boundary, so it is the same on every rank and every world size.
+    Sequences outside the slice are passed with the stream's optional `skip_sequence()`, which
+    over prepared shards reads no tokens at all.
     """
 
     def __init__(

@@ -375,6 +375,13 @@ def test_cli_data_prepare_writes_shards_training_can_read(
     config = DataConfig(seq_len=64, train=[source], prepared=str(tmp_path / "shards"))
     stream = build_packed_sequences([source], "train", tokenizer, config, SkipCounter(True), True)
     assert stream.next_sequence() is not None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(_jsonl(["fine"]) + b"{broken\n")
+    raw["data"]["train"] = [{"path": str(bad), "name": "bad"}]
+    raw["data"]["strict"] = True
+    config_path.write_text(yaml.safe_dump(raw))
+    assert main(["data", "prepare", str(config_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"scaletrain: error: {bad}:2: malformed JSON"
     del raw["data"]["prepare_dir"]
     config_path.write_text(yaml.safe_dump(raw))
     assert main(["data", "prepare", str(config_path)]) == 2
