@@ -26,6 +26,26 @@ class SourceConfig:
         return self.name or self.path.removeprefix("builtin:").replace("/", "_")
 
 
+@dataclass
+class MixturePhase:
+    """Once `after_tokens` tokens have been drawn from the train sources (all ranks together:
+    the count is global), mix them by `weights` (by source name).
+
+    Sources a phase does not name keep their own `weight`; a weight of 0 pauses a source.
+    Use it for e.g. a final annealing mix of high-quality data.
+    """
+
+    after_tokens: int
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.after_tokens < 0:
+            raise ValueError(f"after_tokens: must be >= 0, got {self.after_tokens}")
+        for name, weight in self.weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+                raise ValueError(f"weights.{name}: must be a number >= 0, got {weight!r}")
+
+
 def _stdlib() -> list[SourceConfig]:
     return [SourceConfig(path="builtin:stdlib")]
 
@@ -41,6 +61,17 @@ class DataConfig:
     shuffle_seed: int = 0
     shuffle_buffer: int = 1000
     builtin_validation_percent: float = 2.0  # share of builtin:stdlib files held out
+    # Pre-tokenized shards written by `scaletrain data prepare` (None: tokenize while training).
+    prepared: str | None = None
+    prepare_dir: str | None = None  # where `data prepare` writes (default: data.prepared)
+    ignore_fingerprint: bool = False  # use shards even if the tokenizer/sources changed
+    # Quality filters (counted per reason in the skip counters) and long-document guard.
+    min_doc_chars: int = 0
+    max_nontext_fraction: float = 1.0
+    dedup: bool = False  # exact dedup by hash within each source's epoch
+    max_doc_tokens: int = 0  # longer documents are bad input (0: no limit)
+    mixture_schedule: list[MixturePhase] = field(default_factory=list)
+    num_workers: int = 0  # processes reading + tokenizing each streamed source (0: in process)
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
@@ -49,6 +80,35 @@ class DataConfig:
             raise ValueError("train: needs at least one source")
         if not 0 < self.builtin_validation_percent < 100:
             raise ValueError("builtin_validation_percent: must be in (0, 100)")
+        if self.min_doc_chars < 0:
+            raise ValueError(f"min_doc_chars: must be >= 0, got {self.min_doc_chars}")
+        if not 0 < self.max_nontext_fraction <= 1:
+            raise ValueError(
+                f"max_nontext_fraction: must be in (0, 1], got {self.max_nontext_fraction}"
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.max_doc_tokens < 0:
+            raise ValueError(f"max_doc_tokens: must be >= 0, got {self.max_doc_tokens}")
+        labels = [s.label for s in self.train]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"train: source names must be unique, got {labels}")
+        previous = -1
+        for index, phase in enumerate(self.mixture_schedule):
+            if phase.after_tokens <= previous:
+                raise ValueError(
+                    f"mixture_schedule.{index}.after_tokens: phases must be in increasing order"
+                )
+            previous = phase.after_tokens
+            unknown = sorted(set(phase.weights) - set(labels))
+            if unknown:
+                raise ValueError(
+                    f"mixture_schedule.{index}.weights: unknown source {unknown[0]!r} "
+                    f"(train sources: {', '.join(labels)})"
+                )
+            weights = [phase.weights.get(s.label, s.weight) for s in self.train]
+            if not any(w > 0 for w in weights):
+                raise ValueError(f"mixture_schedule.{index}.weights: all weights are 0")
 
 
 @dataclass

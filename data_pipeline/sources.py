@@ -6,6 +6,7 @@ A source yields plain-text documents. Bad records are counted by reason and skip
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -14,13 +15,15 @@ import os
 import random
 import sysconfig
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import fsspec
 
-from data_pipeline.config import SourceConfig
+from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +49,86 @@ class SkipCounter:
             raise DataError(f"{where}: {reason}")
         self.counts[reason] += 1
 
+    def drop(self, reason: str) -> None:
+        """Count a record removed by a quality filter: a choice, not an error, so never raises."""
+        self.counts[reason] += 1
+
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One reader of a source: records with global index i are read by reader i % count.
+
+    Any set of readers {0..count-1} parses every record of an epoch exactly once, whatever the
+    number or sizes of the files (`Reader.of` numbers ranks x workers this way). Training uses
+    it for the worker processes of a rank (`data.num_workers`); the global mixture still needs
+    every document's length on every rank, which prepared shards give without reading tokens.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"reader {self.index} out of range for {self.count} readers")
+
+    @classmethod
+    def of(cls, rank: int, world_size: int, worker: int = 0, num_workers: int = 0) -> Reader:
+        """The reader of DataLoader `worker` (of `num_workers`, 0 = in process) on `rank`."""
+        per_rank = max(num_workers, 1)
+        return cls(rank * per_rank + worker, world_size * per_rank)
+
+    def owns(self, record_index: int) -> bool:
+        """Whether record `record_index` of an epoch is this reader's to parse."""
+        return record_index % self.count == self.index
+
+
+class DocumentFilter:
+    """Quality filters: minimum length, maximum non-text fraction, exact dedup by hash.
+
+    Dropped documents are counted by reason (`filtered: ...`); the dedup memory is per
+    source and epoch, so a resumed run that replays an epoch rebuilds it exactly.
+    """
+
+    def __init__(
+        self, min_chars: int = 0, max_nontext_fraction: float = 1.0, dedup: bool = False
+    ) -> None:
+        self.min_chars = min_chars
+        self.max_nontext_fraction = max_nontext_fraction
+        self.dedup = dedup
+        self._seen: set[bytes] = set()
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> DocumentFilter:
+        """The filters that `data.*` asks for."""
+        return cls(config.min_doc_chars, config.max_nontext_fraction, config.dedup)
+
+    @property
+    def active(self) -> bool:
+        """Whether any filter can drop a document (else texts need not be looked at)."""
+        return self.min_chars > 0 or self.max_nontext_fraction < 1.0 or self.dedup
+
+    def reset(self) -> None:
+        """Forget the documents seen (at the start of each epoch)."""
+        self._seen.clear()
+
+    def reason_to_drop(self, text: str) -> str | None:
+        """Why `text` is filtered out, or None to keep it (and remember it for dedup)."""
+        if len(text) < self.min_chars:
+            return f"filtered: shorter than {self.min_chars} chars"
+        if self.max_nontext_fraction < 1.0:
+            nontext = sum(1 for ch in text if not (ch.isprintable() or ch in "\t\n\r"))
+            nontext += text.count("\ufffd")
+            if nontext > self.max_nontext_fraction * len(text):
+                return f"filtered: over {self.max_nontext_fraction:g} non-text chars"
+        if self.dedup:
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if digest in self._seen:
+                return "filtered: exact duplicate"
+            self._seen.add(digest)
+        return None
 
 
 def stdlib_files(
@@ -129,69 +210,313 @@ def _check_text(value: Any, where: str, field: str, skips: SkipCounter) -> str |
     return value
 
 
-def _iter_jsonl(file: str, field: str, skips: SkipCounter) -> Iterator[str]:
-    # Lines come through the `text` builder so that each bad line is found, counted and named
-    # on its own; surrogateescape turns invalid bytes into markers that _check_text rejects.
-    lines = datasets.load_dataset(
-        "text",
-        data_files=[file],
-        split="train",
-        streaming=True,
-        encoding_errors="surrogateescape",
-    )
-    for line_no, row in enumerate(lines, start=1):
-        line = row["text"]
-        if not line.strip():
+class _Cursor:
+    """The running record index of one source's epoch, and which records this reader owns."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.next_index = 0
+
+    def take(self) -> bool:
+        """Advance past one record; True when this reader owns it."""
+        index = self.next_index
+        self.next_index += 1
+        return self.reader.owns(index)
+
+
+def _skip_shared(where: str, reason: str, skips: SkipCounter, reader: Reader | None) -> None:
+    """A problem every reader of a file meets: reader 0 alone counts it, so the world total is
+    exact, but in strict mode every reader stops. `reader=None`: only this reader meets it."""
+    if skips.strict or reader is None or reader.index == 0:
+        skips.skip(where, reason)
+
+
+def _read_failed(where: str, exc: BaseException, skips: SkipCounter, reader: Reader | None) -> None:
+    logger.warning("%s: unreadable file (%s: %s)", where, type(exc).__name__, exc)
+    _skip_shared(where, "unreadable file", skips, reader)
+
+
+def _rows(rows: Iterable[Any], file: str, skips: SkipCounter, reader: Reader) -> Iterator[Any]:
+    """`rows` until the end or the first read/decompression failure, which is counted."""
+    iterator = iter(rows)
+    count = 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # gzip/zstd/arrow/OS errors come in many types
+            _read_failed(f"{file}:{count + 1}", exc, skips, reader)
+            return
+        count += 1
+        yield row
+
+
+class _ZstdReader:
+    """Streaming zstd decompression that, unlike fsspec's, reports a truncated stream."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.decompressor = self._new_frame()
+        self.pending = b""
+
+    @staticmethod
+    def _new_frame() -> Any:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        while len(self.pending) < size:
+            if self.decompressor.eof and self.decompressor.unused_data:  # a following frame
+                leftover = self.decompressor.unused_data
+                self.decompressor = self._new_frame()
+                self.pending += self.decompressor.decompress(leftover)
+                continue
+            chunk = self.raw.read(size)
+            if not chunk:
+                if not self.decompressor.eof:
+                    raise EOFError("zstd stream ends before its end-of-frame marker")
+                break
+            if self.decompressor.eof:
+                self.decompressor = self._new_frame()
+            self.pending += self.decompressor.decompress(chunk)
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+
+@contextlib.contextmanager
+def _open_binary(file: str) -> Iterator[Any]:
+    # fsspec is the file layer `datasets` streams through: local or remote paths, and
+    # .gz inferred from the name. Lines are decoded here, one by one, because the `text`
+    # builder turns one invalid byte into a failure of its whole batch of lines.
+    if file.lower().endswith((".zst", ".zstd")):
+        with fsspec.open(file, "rb") as raw:
+            yield _ZstdReader(raw)
+    else:
+        with fsspec.open(file, "rb", compression="infer") as handle:
+            yield handle
+
+
+def _split_lines(handle: Any, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    # Some decompressors (zstd) are readable but not line-iterable.
+    rest = b""
+    while chunk := handle.read(chunk_bytes):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _lines(file: str, skips: SkipCounter, reader: Reader) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, raw line, is last line) of `file`; a read failure is counted and ends it."""
+    with _open_binary(file) as handle:
+        numbered = enumerate(_rows(_split_lines(handle), file, skips, reader), start=1)
+        pending = next(numbered, None)
+        while pending is not None:
+            following = next(numbered, None)  # one line of look-ahead tells the last line apart
+            yield pending[0], pending[1], following is None
+            pending = following
+
+
+def _decode(
+    raw: bytes, where: str, skips: SkipCounter, shared_by: Reader | None = None
+) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        _skip_shared(where, "invalid UTF-8", skips, shared_by)
+        return None
+
+
+def _iter_json_array(
+    file: str, field: str, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, str | None]]:
+    try:
+        with _open_binary(file) as handle:
+            raw = handle.read()
+    except Exception as exc:  # gzip/zstd/OS errors come in many types
+        _read_failed(file, exc, skips, cursor.reader)
+        return
+    content = _decode(raw, file, skips, shared_by=cursor.reader)
+    if content is None:
+        return
+    try:
+        records = json.loads(content)
+    except json.JSONDecodeError as exc:
+        _skip_shared(f"{file}:{exc.lineno}", "malformed JSON", skips, cursor.reader)
+        return
+    if not isinstance(records, list):
+        _skip_shared(file, "JSON file is not an array of objects", skips, cursor.reader)
+        return
+    for index, record in enumerate(records):
+        if not cursor.take():
+            continue
+        where = f"{file}#{index}"
+        if not isinstance(record, dict):
+            skips.skip(where, "record is not a JSON object")
+            yield where, None
+            continue
+        yield where, _check_text(record.get(field), where, field, skips)
+
+
+def _starts_with_bracket(file: str) -> bool:
+    try:
+        with _open_binary(file) as handle:
+            return handle.read(4096).lstrip()[:1] == b"["
+    except Exception:  # reported when the file is read for real
+        return False
+
+
+def _iter_jsonl(
+    file: str, field: str, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, str | None]]:
+    if _base_suffix(file) == ".json" and _starts_with_bracket(file):
+        yield from _iter_json_array(file, field, skips, cursor)
+        return
+    for line_no, raw, is_last in _lines(file, skips, cursor.reader):
+        if not raw.strip() or not cursor.take():
             continue
         where = f"{file}:{line_no}"
+        line = _decode(raw, where, skips)
+        if line is None:
+            yield where, None
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            skips.skip(where, "malformed JSON")
+            truncated = is_last and not raw.endswith(b"\n")
+            skips.skip(where, "truncated last line" if truncated else "malformed JSON")
+            yield where, None
             continue
         if not isinstance(record, dict):
             skips.skip(where, "record is not a JSON object")
+            yield where, None
             continue
-        text = _check_text(record.get(field), where, field, skips)
-        if text is not None:
-            yield text
+        yield where, _check_text(record.get(field), where, field, skips)
 
 
-def _iter_text_files(files: list[str], where: str, skips: SkipCounter) -> Iterator[str]:
-    documents = datasets.load_dataset(
-        "text",
-        data_files=files,
-        split="train",
-        streaming=True,
-        sample_by="document",
-        encoding_errors="surrogateescape",
-    )
-    for index, row in enumerate(documents):
-        text = _check_text(row["text"], f"{where}#{index}", "text", skips)
-        if text is not None:
-            yield text
+def _iter_text_files(
+    files: list[str], skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, str | None]]:
+    """Each file is one document."""
+    for file in files:
+        if not cursor.take():
+            continue
+        try:
+            with _open_binary(file) as handle:
+                raw = handle.read()
+        except Exception as exc:  # gzip/zstd/OS errors come in many types
+            _read_failed(file, exc, skips, None)  # only the owner of the file reads it
+            yield file, None
+            continue
+        text = _decode(raw, file, skips)
+        yield file, None if text is None else _check_text(text, file, "text", skips)
 
 
-def _iter_parquet(file: str, field: str, skips: SkipCounter) -> Iterator[str]:
+def _iter_parquet(
+    file: str, field: str, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, str | None]]:
     rows = datasets.load_dataset("parquet", data_files=[file], split="train", streaming=True)
-    for row_no, row in enumerate(rows, start=1):
+    for row_no, row in enumerate(_rows(rows, file, skips, cursor.reader), start=1):
         if field not in row:
             raise DataError(f"{file}: no column '{field}' (columns: {', '.join(row)})")
-        text = _check_text(row[field], f"{file}:{row_no}", field, skips)
-        if text is not None:
-            yield text
+        if not cursor.take():
+            continue
+        where = f"{file}:{row_no}"
+        yield where, _check_text(row[field], where, field, skips)
 
 
-def _iter_hub(name: str, split: str, field: str, skips: SkipCounter) -> Iterator[str]:
+def _iter_hub(
+    name: str, split: str, field: str, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, str | None]]:
     dataset_name, _, config_name = name.partition(":")
     try:
         rows = datasets.load_dataset(dataset_name, config_name or None, split=split, streaming=True)
     except Exception as exc:  # hub/network failures come in many types
         raise DataError(f"hf:{name}: cannot open dataset ({type(exc).__name__}: {exc})") from None
-    for row_no, row in enumerate(rows, start=1):
-        text = _check_text(row.get(field), f"hf:{name}#{row_no}", field, skips)
+    for row_no, row in enumerate(_rows(rows, f"hf:{name}", skips, cursor.reader), start=1):
+        if not cursor.take():
+            continue
+        where = f"hf:{name}#{row_no}"
+        yield where, _check_text(row.get(field), where, field, skips)
+
+
+def source_files(source: SourceConfig, split: str, validation_percent: float = 2.0) -> list[str]:
+    """The local files behind `source` in their unshuffled order ([] for hub datasets)."""
+    if source.path == BUILTIN_STDLIB:
+        return stdlib_files(split, validation_percent)
+    if source.path.startswith(("builtin:", "hf:")):
+        return []
+    return resolve_local_files(source.path)
+
+
+def iter_outcomes(
+    source: SourceConfig,
+    split: str,
+    skips: SkipCounter,
+    epoch: int = 0,
+    shuffle_seed: int = 0,
+    validation_percent: float = 2.0,
+    reader: Reader | None = None,
+) -> Iterator[tuple[str, str | None]]:
+    """(where, text) for every record of `source` this reader owns, in a fixed order.
+
+    `text` is None for a bad record (already counted in `skips`, or raised in strict mode):
+    one outcome per record is what lets readers' outputs be merged back into the global order.
+    `where` is `file:line` (or the file, for whole-file documents). Training order is shuffled
+    at file level with (shuffle_seed, epoch), so each epoch has its own order and a resumed run
+    can replay it exactly. With `reader`, only the records it owns are parsed and yielded.
+    """
+    cursor = _Cursor(reader or Reader())
+    if source.path == BUILTIN_STDLIB:
+        counted = epoch == 0 and cursor.reader.index == 0  # files, not records: count once
+        files = stdlib_files(split, validation_percent, skips if counted else None)
+        if split == "train":
+            random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
+        yield from _iter_text_files(files, skips, cursor)
+        return
+    if source.path.startswith("builtin:"):
+        raise DataError(f"{source.path}: unknown builtin corpus (known: {BUILTIN_STDLIB})")
+    if source.path.startswith("hf:"):
+        yield from _iter_hub(source.path[3:], split, source.text_field, skips, cursor)
+        return
+    files = resolve_local_files(source.path)
+    if split == "train":
+        random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
+    for file in files:
+        if not os.access(file, os.R_OK):
+            if skips.strict or cursor.reader.index == 0:
+                skips.skip(file, "unreadable file")
+            continue
+        suffix = _base_suffix(file)
+        if suffix in JSONL_SUFFIXES:
+            yield from _iter_jsonl(file, source.text_field, skips, cursor)
+        elif suffix in PARQUET_SUFFIXES:
+            yield from _iter_parquet(file, source.text_field, skips, cursor)
+        else:
+            yield from _iter_text_files([file], skips, cursor)
+
+
+def iter_records(
+    source: SourceConfig,
+    split: str,
+    skips: SkipCounter,
+    epoch: int = 0,
+    shuffle_seed: int = 0,
+    validation_percent: float = 2.0,
+    reader: Reader | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(where, text) of the good documents among `iter_outcomes`."""
+    for where, text in iter_outcomes(
+        source, split, skips, epoch, shuffle_seed, validation_percent, reader
+    ):
         if text is not None:
-            yield text
+            yield where, text
 
 
 def iter_documents(
@@ -201,34 +526,14 @@ def iter_documents(
     epoch: int = 0,
     shuffle_seed: int = 0,
     validation_percent: float = 2.0,
+    reader: Reader | None = None,
+    filters: DocumentFilter | None = None,
 ) -> Iterator[str]:
-    """Documents of `source` for `split` ("train" or "validation") in a deterministic order.
-
-    Training order is shuffled at file level with (shuffle_seed, epoch), so each epoch has its
-    own order and a resumed run can replay it exactly.
-    """
-    if source.path == BUILTIN_STDLIB:
-        files = stdlib_files(split, validation_percent, skips if epoch == 0 else None)
-        if split == "train":
-            random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
-        yield from _iter_text_files(files, BUILTIN_STDLIB, skips)
-        return
-    if source.path.startswith("builtin:"):
-        raise DataError(f"{source.path}: unknown builtin corpus (known: {BUILTIN_STDLIB})")
-    if source.path.startswith("hf:"):
-        yield from _iter_hub(source.path[3:], split, source.text_field, skips)
-        return
-    files = resolve_local_files(source.path)
-    if split == "train":
-        random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
-    for file in files:
-        if not os.access(file, os.R_OK):
-            skips.skip(file, "unreadable file")
+    """The texts of `iter_records`, after the quality `filters` (counted in `skips`)."""
+    for _, text in iter_records(
+        source, split, skips, epoch, shuffle_seed, validation_percent, reader
+    ):
+        if filters is not None and (reason := filters.reason_to_drop(text)) is not None:
+            skips.drop(reason)
             continue
-        suffix = _base_suffix(file)
-        if suffix in JSONL_SUFFIXES:
-            yield from _iter_jsonl(file, source.text_field, skips)
-        elif suffix in PARQUET_SUFFIXES:
-            yield from _iter_parquet(file, source.text_field, skips)
-        else:
-            yield from _iter_text_files([file], file, skips)
+        yield text

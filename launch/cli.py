@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import hf_cli
 
     hf_cli.register(commands)
+
+    from launch import data_cli
+
+    data_cli.register(commands)
     return parser
 
 

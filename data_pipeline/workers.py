@@ -1,0 +1,183 @@
+"""Read and tokenize a source in worker processes, merged back into the single-process order.
+
+Worker w of N is `Reader(w, N)`: it parses only the records with index i % N == w and tokenizes
+the good ones. Each worker reports one outcome per record it owns, so the main process takes
+record i from worker i % N and gets exactly the order, the skip counts and the strict-mode
+errors of the single-process path. The mixture, filters and packing stay in the main process,
+where the order is global.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.config import SourceConfig
+from data_pipeline.errors import DataError
+from data_pipeline.sources import Reader, SkipCounter, iter_outcomes
+from data_pipeline.tokenizer import Tokenizer
+
+BATCH_RECORDS = 32
+QUEUE_BATCHES = 8
+
+
+@dataclass
+class Outcome:
+    """One record: its place, its text (None if bad), its tokens (None if not tokenized)."""
+
+    where: str
+    text: str | None
+    tokens: np.ndarray[Any, Any] | None
+    skips: list[tuple[str, str]]  # skip events reported with (before) this record
+    is_record: bool = True  # False for the final carrier of trailing skip events
+
+
+class _RecordingSkips(SkipCounter):
+    """Worker side: never raises; the main process replays the events in global order."""
+
+    def __init__(self) -> None:
+        super().__init__(strict=False)
+        self.events: list[tuple[str, str]] = []
+
+    def skip(self, where: str, reason: str) -> None:
+        self.events.append((where, reason))
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a worker reads: one epoch of one source, tokenizing records from `tokenize_from`."""
+
+    source: SourceConfig
+    split: str
+    epoch: int
+    shuffle_seed: int
+    validation_percent: float
+    tokenize_from: int  # records before this index are replayed (texts only) on resume
+    send_texts: bool = True  # False when no filter needs them: good records carry "" instead
+
+
+def _worker_main(
+    job: WorkerJob, reader: Reader, model_proto: bytes, out: mp.queues.Queue[Any]
+) -> None:
+    try:
+        tokenizer = Tokenizer(model_proto)
+        skips = _RecordingSkips()
+        batch: list[Outcome] = []
+        pending_texts: list[int] = []
+        record = reader.index
+        outcomes = iter_outcomes(
+            job.source,
+            job.split,
+            skips,
+            job.epoch,
+            job.shuffle_seed,
+            job.validation_percent,
+            reader,
+        )
+        for where, text in outcomes:
+            events, skips.events = skips.events, []
+            batch.append(Outcome(where, text, None, events))
+            if text is not None and record >= job.tokenize_from:
+                pending_texts.append(len(batch) - 1)
+            record += reader.count
+            if len(batch) >= BATCH_RECORDS:
+                _send(batch, pending_texts, tokenizer, out, job.send_texts)
+                batch, pending_texts = [], []
+        _send(batch, pending_texts, tokenizer, out, job.send_texts)
+        out.put(("end", skips.events))
+    except Exception as exc:  # reported in the main process, which raises it
+        message = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        out.put(("error", message))
+
+
+def _send(
+    batch: list[Outcome],
+    pending: list[int],
+    tokenizer: Tokenizer,
+    out: mp.queues.Queue[Any],
+    send_texts: bool = True,
+) -> None:
+    if not batch:
+        return
+    texts = [batch[i].text or "" for i in pending]
+    for index, ids in zip(pending, tokenizer.encode_batch(texts), strict=True):
+        batch[index].tokens = np.asarray(ids, dtype=np.int32)
+    if not send_texts:  # halves what crosses the process boundary
+        for index in pending:
+            batch[index].text = ""
+    out.put(("batch", batch))
+
+
+class WorkerPool:
+    """N worker processes over one epoch of a source; iterate to get outcomes in global order."""
+
+    def __init__(self, job: WorkerJob, tokenizer: Tokenizer, num_workers: int) -> None:
+        context = mp.get_context("fork")
+        self.queues: list[Any] = [context.Queue(QUEUE_BATCHES) for _ in range(num_workers)]
+        self.processes = [
+            context.Process(
+                target=_worker_main,
+                args=(job, Reader(w, num_workers), tokenizer.model_proto, self.queues[w]),
+                daemon=True,
+            )
+            for w in range(num_workers)
+        ]
+        for process in self.processes:
+            process.start()
+        self.buffers: list[deque[Outcome]] = [deque() for _ in range(num_workers)]
+        self.ended = [False] * num_workers
+        self.trailing: list[list[tuple[str, str]]] = [[] for _ in range(num_workers)]
+
+    def _fill(self, worker: int) -> None:
+        while not self.buffers[worker] and not self.ended[worker]:
+            try:
+                kind, payload = self.queues[worker].get(timeout=5.0)
+            except queue.Empty:
+                if not self.processes[worker].is_alive():
+                    raise DataError(f"data worker {worker} died unexpectedly") from None
+                continue
+            if kind == "batch":
+                self.buffers[worker].extend(payload)
+            elif kind == "end":
+                self.ended[worker] = True
+                self.trailing[worker] = payload
+            else:
+                self.close()
+                raise DataError(payload)
+
+    def __iter__(self) -> Iterator[Outcome]:
+        record = 0
+        count = len(self.processes)
+        try:
+            while True:
+                worker = record % count
+                self._fill(worker)
+                if not self.buffers[worker]:
+                    break  # record `record` does not exist: the epoch is over
+                yield self.buffers[worker].popleft()
+                record += 1
+            for worker in range(count):  # events after the last records (e.g. a failed read)
+                self._fill(worker)
+                while not self.ended[worker]:
+                    self.buffers[worker].clear()
+                    self._fill(worker)
+            trailing = [event for events in self.trailing for event in events]
+            yield Outcome("", None, None, trailing, is_record=False)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(timeout=5.0)
+        for q in self.queues:
+            q.close()
+            q.cancel_join_thread()
