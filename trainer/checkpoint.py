@@ -107,7 +107,7 @@ def publish(tmp_folder: Path, checkpoint_root: Path, step: int, keep: int) -> Pa
     _fsync_tree(tmp_folder)
     verify_checkpoint(tmp_folder)
     if final.exists():
-        shutil.rmtree(final)
+        _remove_atomically(final)
     os.rename(tmp_folder, final)
     latest_tmp = checkpoint_root / f"{TMP_PREFIX}{LATEST}"
     latest_tmp.write_text(final.name + "\n")
@@ -117,8 +117,18 @@ def publish(tmp_folder: Path, checkpoint_root: Path, step: int, keep: int) -> Pa
     _fsync_tree_dir(checkpoint_root)
     if keep > 0:
         for old in complete_checkpoints(checkpoint_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_atomically(old)
     return final
+
+
+def _remove_atomically(folder: Path) -> None:
+    """Hide a checkpoint with one rename before deleting it: a kill mid-delete must not leave a
+    folder that still has its manifest but lost files (leftovers are cleaned on the next start)."""
+    doomed = folder.with_name(f"{TMP_PREFIX}deleting-{folder.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_tree_dir(folder: Path) -> None:

@@ -52,19 +52,23 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size == 1:
         # One process needs no rendezvous: an in-memory store avoids racing for a TCP port.
-        dist.init_process_group(
-            backend,
-            store=dist.HashStore(),
-            rank=0,
-            world_size=1,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        store: dist.Store = dist.HashStore()
+    else:
+        # Under torchrun the store outlives a restart; DeepSpeed's extra process groups would
+        # read the dead attempt's addresses from it, so each attempt gets its own key space.
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"scaletrain/attempt_{attempt}", store)
+    dist.init_process_group(
+        backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+    )
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         rank=env.rank,
         world_size=env.world_size,
     )
