@@ -210,3 +210,35 @@ def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(
             ckpt.verify_checkpoint(folder)
         resumed_steps.append(int(latest.name.removeprefix("step_")))
     assert resumed_steps == sorted(resumed_steps) and resumed_steps[-1] > resumed_steps[0]
+
+
+def test_zero0_checkpoint_resumes_on_another_world_size(tmp_path: Path, corpus: Path) -> None:
+    """1 -> 2 and 2 -> 1 ranks: the losses after resume equal the uninterrupted run's."""
+    straight = config_file(tmp_path, corpus, "ws_straight", train={"max_steps": 8})
+    run(train_cmd(straight))
+    expected = [r["loss"] for r in step_lines(tmp_path / "ws_straight")]
+    for name, first, second in (("one_to_two", 1, 2), ("two_to_one", 2, 1)):
+        config = config_file(
+            tmp_path, corpus, name, train={"max_steps": 8}, checkpoint={"every": 4}
+        )
+        run(train_cmd(config, first, "--fail-at-step", "5"), expect=17 if first == 1 else 1)
+        result = run(train_cmd(config, second))
+        assert "resumed from" in result.stderr
+        assert [r["loss"] for r in step_lines(tmp_path / name)] == pytest.approx(expected, rel=1e-5)
+
+
+def test_partitioned_checkpoint_on_another_world_size_is_refused(
+    tmp_path: Path, corpus: Path
+) -> None:
+    config = config_file(
+        tmp_path, corpus, "zero2", train={"max_steps": 2}, parallel={"zero_stage": 2}
+    )
+    run(train_cmd(config, 2))
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["max_steps"] = 4
+    config.write_text(yaml.safe_dump(raw))
+    result = run(train_cmd(config), expect=2)
+    assert (
+        "written by 2 ranks at ZeRO-2; resuming on 1 ranks at ZeRO-2 is supported only from ZeRO-0"
+        in result.stderr
+    )

@@ -476,8 +476,21 @@ class Trainer:
         folder = ckpt.find_resume_checkpoint(self.checkpoint_root) if mode == "auto" else Path(mode)
         if folder is None:
             return
-        ckpt.verify_checkpoint(folder)
+        manifest = ckpt.verify_checkpoint(folder)
         state = json.loads((folder / "trainer_state.json").read_text())
+        saved_world, saved_stage = int(manifest["world_size"]), int(manifest["zero_stage"])
+        stage = self.config.parallel.zero_stage
+        # ZeRO-0 checkpoints hold the whole optimizer state in one file, so any world size can
+        # load them; ZeRO-1/2/3 partition it by rank and only the same layout reads back.
+        if (saved_stage, stage) != (0, 0) and (saved_world, saved_stage) != (
+            self.env.world_size,
+            stage,
+        ):
+            raise ckpt.CheckpointError(
+                f"{folder}: written by {saved_world} ranks at ZeRO-{saved_stage}; resuming on "
+                f"{self.env.world_size} ranks at ZeRO-{stage} is supported only from ZeRO-0 checkpoints "
+                "(or start a new run from its weights with model.init_from)"
+            )
         load_path, _ = self.engine.load_checkpoint(
             str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
         )
