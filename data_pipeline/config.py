@@ -72,6 +72,7 @@ class DataConfig:
     max_doc_tokens: int = 0  # longer documents are bad input (0: no limit)
     mixture_schedule: list[MixturePhase] = field(default_factory=list)
     num_workers: int = 0  # processes reading + tokenizing each streamed source (0: in process)
+    document_masking: bool = False  # attention stays within each packed document
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:

@@ -180,3 +180,20 @@ def test_golden_loss_curve(tmp_path: Path) -> None:
     assert losses == expected, (
         "numerics changed; if intended, run `make golden` and say why in the commit"
     )
+
+
+def test_document_masking_run_and_metrics_by_source(tmp_path: Path, corpus: Path) -> None:
+    config = small_config(
+        tmp_path / "run",
+        corpus,
+        train={"max_steps": 4, "eval_every": 2},
+        data={"document_masking": True},
+    )
+    config["model"]["reset_positions_per_document"] = True
+    result = train_in_subprocess(config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_lines, eval_lines = read_metrics(tmp_path / "run")
+    assert train_lines[-1]["tokens_by_source"]["synthetic"] >= 4 * 512
+    assert train_lines[-1]["skipped_by_reason"] == {}
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+    assert eval_lines[-1]["eval_loss"] < eval_lines[0]["eval_loss"]

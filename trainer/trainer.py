@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data_pipeline.errors import DataError
-from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences
+from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences, document_segments
 from data_pipeline.sources import SkipCounter, iter_documents
 from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from model import build_model
@@ -69,6 +69,8 @@ def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokeniz
     if env.is_main and not target.is_file():
         if config.tokenizer.path:
             tokenizer = Tokenizer.load(config.tokenizer.path)
+        elif config.data.prepared:  # shards are tokenized already: use their tokenizer
+            tokenizer = Tokenizer.load(Path(config.data.prepared) / TOKENIZER_FILE)
         else:
             logger.info("training a %d-piece tokenizer on data.train", config.tokenizer.vocab_size)
             skips = SkipCounter(strict=False)
@@ -213,7 +215,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         for inputs, labels in micro_batches:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            loss = self.loss_fn(self.engine(inputs), labels)
+            loss = self.loss_fn(self.engine(inputs, doc_ids=self._doc_ids(inputs)), labels)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm_before_step()
@@ -228,6 +230,12 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         }
+
+    def _doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Per-token document ids when attention must not cross packed documents."""
+        if not self.config.data.document_masking:
+            return None
+        return document_segments(inputs, self.tokenizer.eos_id)[0]
 
     def _grad_norm_before_step(self) -> float | None:
         """At ZeRO-0 in fp32 DeepSpeed reports no norm; there, grads are whole and local."""
@@ -280,6 +288,8 @@ class Trainer:
                     "data_wait_fraction": data_s / elapsed,
                     "skipped_records": self.skips.total(),
                     "skipped_steps": int(self.engine.skipped_steps),
+                    "skipped_by_reason": dict(self.skips.counts),
+                    "tokens_by_source": self.loader.sequences.tokens_by_source(),
                 }
                 if metrics is not None and self.step % config.train.log_every == 0:
                     metrics.log(record)
@@ -384,7 +394,8 @@ class Trainer:
         for split, batches in self._eval_batches().items():
             loss_sum, tokens = 0.0, 0
             for inputs, labels in batches:
-                logits = self.engine(inputs.to(self.device))
+                inputs = inputs.to(self.device)
+                logits = self.engine(inputs, doc_ids=self._doc_ids(inputs))
                 loss = F.cross_entropy(
                     logits.float().flatten(0, 1), labels.to(self.device).flatten(), reduction="sum"
                 )
