@@ -2,7 +2,8 @@
 
 Adam in mixed precision keeps 16 bytes per parameter (ZeRO paper, Rajbhandari et al. 2020):
 2 (bf16/fp16 weights) + 2 (grads) + 12 (fp32 master weights, momentum, variance). In fp32 it is
-4 + 4 + 8 = 16 as well. ZeRO-1 shards the optimizer states over the data-parallel ranks, ZeRO-2
+4 + 4 + 8 = 16 at ZeRO-0; DeepSpeed's ZeRO optimizers step a separate fp32 partition, so from
+stage 1 the optimizer part is 12 bytes (before sharding), as in mixed precision. ZeRO-1 shards the optimizer states over the data-parallel ranks, ZeRO-2
 also the gradients, ZeRO-3 also the parameters; CPU offload moves optimizer states (and at
 stage 3 parameters) to host memory.
 """
@@ -33,7 +34,9 @@ def model_state_memory(
     if precision in ("bf16", "fp16"):
         param_b, grad_b, optim_b = 2.0, 2.0, 12.0
     else:
-        param_b, grad_b, optim_b = 4.0, 4.0, 8.0
+        # fp32: ZeRO-0 steps the parameters in place (Adam moments only); ZeRO-1/2/3 keep a
+        # separate fp32 partition to step, as in mixed precision.
+        param_b, grad_b, optim_b = 4.0, 4.0, 12.0 if zero_stage >= 1 else 8.0
     params = n_params * param_b / (world_size if zero_stage >= 3 else 1)
     grads = n_params * grad_b / (world_size if zero_stage >= 2 else 1)
     optimizer = n_params * optim_b / (world_size if zero_stage >= 1 else 1)
