@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="validation", choices=["train", "validation"])
     ev.add_argument("--max-sequences", type=int, default=64)
     ev.set_defaults(func=cmd_eval)
+
+    from launch import plan_cli
+
+    plan_cli.register(commands)
     return parser
 
 
