@@ -89,12 +89,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_budgets(text: str) -> list[float]:
+    from trainer.config_io import ConfigError
+
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--budgets: expected comma-separated FLOPs, got {text!r}") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from trainer.sweep import SweepRequest, run_sweep
+
+    report = run_sweep(
+        SweepRequest(
+            budgets=_parse_budgets(args.budgets),
+            models_per_budget=args.models_per_budget,
+            out_dir=args.out,
+            seq_len=args.seq_len,
+            vocab_size=args.vocab_size,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+        )
+    )
+    print(report)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `plan` (and `plan sweep`) to the scaletrain command line."""
     plan = subparsers.add_parser(
         "plan",
         help="compute-optimal model size, tokens, batch, memory and a ready config",
-        description="From --flops F, or --gpus N --hours H --gpu NAME, plan a compute-optimal run.",
+        description="From --flops F, or --gpus N --hours H --gpu NAME, plan a compute-optimal "
+        "run. `scaletrain plan sweep --help` fits your own scaling law.",
     )
     plan.add_argument("--flops", type=float, help="training compute budget C in FLOPs")
     plan.add_argument("--gpus", type=int, help="number of GPUs (also the ZeRO world size)")
@@ -134,3 +162,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--run-dir", default="runs/planned", help="run.dir of the --out config")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
+
+    actions = plan.add_subparsers(dest="plan_command", metavar="ACTION")
+    sweep = actions.add_parser(
+        "sweep",
+        help="IsoFLOP sweep of small models, fit L(N, D), plot the curves",
+        description="Train small models at a few FLOP budgets (CPU is fine for tiny ones), fit "
+        "L(N, D) = E + A/N^alpha + B/D^beta by Huber loss on logs, and draw the IsoFLOP curves.",
+    )
+    sweep.add_argument("--budgets", default="2e10,6e10,2e11", help="comma-separated FLOPs")
+    sweep.add_argument("--models-per-budget", type=int, default=5)
+    sweep.add_argument("--seq-len", type=int, default=64)
+    sweep.add_argument("--vocab-size", type=int, default=256, help="byte tokens: must be 256")
+    sweep.add_argument("--bootstrap", type=int, default=100)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--out", default="docs/scaling", help="folder for results and the PNG")
+    sweep.set_defaults(func=cmd_sweep)

@@ -268,3 +268,16 @@ def test_fitter_bootstrap_intervals_cover_truth_under_noise() -> None:
         low, high = result.intervals[key]
         assert low <= getattr(result.fit, key) <= high
         assert high - low < 0.5 * getattr(result.fit, key)
+
+
+def test_sweep_grid_is_centred_on_the_approach1_size() -> None:
+    from trainer.sweep import SWEEP_SHAPES, shapes_for_budget, sweep_model
+
+    shapes = shapes_for_budget(1e11, 5, 64)
+    assert len(shapes) == 5
+    sizes = [param_counts(sweep_model(d, n, 64)).total for d, n in shapes]
+    assert sizes == sorted(sizes)
+    target, _ = approach1_optimum(1e11)  # about 30k parameters
+    assert sizes[0] < target < sizes[-1]
+    # At the edge of the grid the window slides instead of shrinking.
+    assert shapes_for_budget(1e6, 5, 64) == SWEEP_SHAPES[:5]
