@@ -163,7 +163,8 @@ def plan_architecture(
 
     Searches widths in whole heads (coarser as models grow, so head counts stay divisible)
     and all depths; among shapes within
-    `tolerance` of the target keeps the one nearest the target aspect ratio dim / n_layers.
+    `tolerance` of the target keeps the one nearest the target aspect ratio dim / n_layers,
+    preferring head counts divisible by 8.
     """
     target_ratio = _target_aspect_ratio(n_params)
     best: tuple[float, Architecture] | None = None
@@ -191,6 +192,9 @@ def plan_architecture(
                 closest = (error, arch)
             if error <= tolerance and n_layers >= 2:
                 score = abs(math.log(dim / n_layers / target_ratio)) + 10 * error
+                # Head counts divisible by 8 (then 4) split evenly over tensor-parallel ranks.
+                heads = model.n_heads
+                score += 0.25 * (heads % 8 != 0) + 0.25 * (heads % 4 != 0) if dim >= 1024 else 0
                 if best is None or score < best[0]:
                     best = (score, arch)
     if best is not None:
