@@ -281,3 +281,10 @@ def test_sweep_grid_is_centred_on_the_approach1_size() -> None:
     assert sizes[0] < target < sizes[-1]
     # At the edge of the grid the window slides instead of shrinking.
     assert shapes_for_budget(1e6, 5, 64) == SWEEP_SHAPES[:5]
+
+
+def test_sweep_user_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "sweep", "--vocab-size", "512"]) == 2
+    assert "--vocab-size: the sweep uses byte tokens (256), got 512" in capsys.readouterr().err
+    assert main(["plan", "sweep", "--budgets", "1e10,lots"]) == 2
+    assert "--budgets: expected comma-separated FLOPs" in capsys.readouterr().err
