@@ -275,9 +275,10 @@ def plot_isoflops(result: SweepResult, path: Path) -> str | None:
     for budget, color in zip(budgets, colors, strict=True):
         points = [p for p in result.points if p.budget == budget]
         left.scatter([p.params for p in points], [p.eval_loss for p in points], color=color)
-        grid = np.logspace(
-            math.log10(min(p.params for p in points) / 1.5),
-            math.log10(max(p.params for p in points) * 1.5),
+        n_opt, d_opt = fit.optimum(budget)
+        grid = np.logspace(  # wide enough to show the fitted optimum as well as the points
+            math.log10(min(n_opt, *(p.params for p in points)) / 1.5),
+            math.log10(max(n_opt, *(p.params for p in points)) * 1.5),
             100,
         )
         left.plot(
@@ -286,7 +287,6 @@ def plot_isoflops(result: SweepResult, path: Path) -> str | None:
             color=color,
             label=f"C = {budget:.0e}",
         )
-        n_opt, d_opt = fit.optimum(budget)
         left.plot([n_opt], [fit.loss(n_opt, d_opt)], marker="*", color=color, markersize=12)
     left.set_xscale("log")
     left.set_xlabel("parameters N (embeddings included)")
