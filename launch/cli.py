@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import data_cli
 
     data_cli.register(commands)
+
+    from launch import plan_cli
+
+    plan_cli.register(commands)
     return parser
 
 
