@@ -11,6 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -126,6 +127,29 @@ def train_tokenizer(
     except RuntimeError as exc:
         raise DataError(f"tokenizer training failed: {str(exc).strip().splitlines()[-1]}") from None
     return Tokenizer(model.getvalue())
+
+
+def train_tokenizer_on_sources(config: TokenizerConfig, data: DataConfig) -> Tokenizer:
+    """Train the `tokenizer.*` tokenizer on the documents of `data.train` (bad records skipped)."""
+    from data_pipeline.sources import SkipCounter, iter_documents  # sources imports nothing of ours
+
+    texts = (
+        text
+        for source in data.train
+        for text in iter_documents(
+            source,
+            "train",
+            SkipCounter(strict=False),
+            validation_percent=data.builtin_validation_percent,
+        )
+    )
+    return train_tokenizer(
+        texts,
+        config.vocab_size,
+        config.model_type,
+        config.train_max_sentences,
+        config.train_max_sentence_length,
+    )
 
 
 def copy_tokenizer(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:

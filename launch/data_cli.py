@@ -11,8 +11,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Tokenize data.train and data.validation of CONFIG into shards in data.prepare_dir."""
     from data_pipeline.errors import DataError
     from data_pipeline.shards import prepare_shards
-    from data_pipeline.sources import SkipCounter, iter_documents
-    from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+    from data_pipeline.sources import SkipCounter
+    from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
     from trainer.config import load_job_config
 
     config = load_job_config(args.config, args.set)
@@ -27,23 +27,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         tokenizer = Tokenizer.load(config.tokenizer.path)
     else:
         print(f"training a {config.tokenizer.vocab_size}-piece tokenizer on data.train")
-        texts = (
-            text
-            for source in data.train
-            for text in iter_documents(
-                source,
-                "train",
-                SkipCounter(strict=False),
-                validation_percent=data.builtin_validation_percent,
-            )
-        )
-        tokenizer = train_tokenizer(
-            texts,
-            config.tokenizer.vocab_size,
-            config.tokenizer.model_type,
-            config.tokenizer.train_max_sentences,
-            config.tokenizer.train_max_sentence_length,
-        )
+        tokenizer = train_tokenizer_on_sources(config.tokenizer, data)
     path = tokenizer.save(out_dir)
     metadata: dict[str, Any] = prepare_shards(data, tokenizer, out_dir, skips, log=print)
     summary = {

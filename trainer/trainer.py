@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from data_pipeline.errors import DataError
 from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences, document_segments
-from data_pipeline.sources import SkipCounter, iter_documents
-from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from data_pipeline.sources import SkipCounter
+from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer_on_sources
 from model import build_model
 from model.flops import flops_per_token
 from model.transformer import Transformer
@@ -73,24 +73,7 @@ def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokeniz
             tokenizer = Tokenizer.load(Path(config.data.prepared) / TOKENIZER_FILE)
         else:
             logger.info("training a %d-piece tokenizer on data.train", config.tokenizer.vocab_size)
-            skips = SkipCounter(strict=False)
-            texts = (
-                text
-                for source in config.data.train
-                for text in iter_documents(
-                    source,
-                    "train",
-                    skips,
-                    validation_percent=config.data.builtin_validation_percent,
-                )
-            )
-            tokenizer = train_tokenizer(
-                texts,
-                config.tokenizer.vocab_size,
-                config.tokenizer.model_type,
-                config.tokenizer.train_max_sentences,
-                config.tokenizer.train_max_sentence_length,
-            )
+            tokenizer = train_tokenizer_on_sources(config.tokenizer, config.data)
         tokenizer.save(target.parent)
     barrier()
     return Tokenizer.load(target)
