@@ -10,8 +10,10 @@ from torch import nn
 
 from model.block import TransformerBlock
 from model.config import ModelConfig
+from model.feed_forward import FeedForward
 from model.kv_cache import KVCache
 from model.masking import attention_mask, positions_within_documents
+from model.moe.layer import MoEFeedForward
 from model.norm import RMSNorm
 from model.rope import rope_cos_sin
 
@@ -61,14 +63,28 @@ class Transformer(nn.Module):
                 module.reset_parameters()
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)
-            attn, ffn = layer.attention, layer.feed_forward
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, ffn.gate_proj, ffn.up_proj):
+            attn = layer.attention
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
             nn.init.normal_(attn.o_proj.weight, mean=0.0, std=out_std)
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-            nn.init.normal_(ffn.down_proj.weight, mean=0.0, std=out_std)
+            ffn = layer.feed_forward
+            dense_ffns = [ffn] if isinstance(ffn, FeedForward) else []
+            if isinstance(ffn, MoEFeedForward):
+                nn.init.normal_(ffn.router.weight, mean=0.0, std=std)
+                if ffn.router.expert_bias is not None:
+                    nn.init.zeros_(ffn.router.expert_bias)
+                nn.init.normal_(ffn.experts.gate_proj, mean=0.0, std=std)
+                nn.init.normal_(ffn.experts.up_proj, mean=0.0, std=std)
+                nn.init.normal_(ffn.experts.down_proj, mean=0.0, std=out_std)
+                if ffn.shared_experts is not None:
+                    dense_ffns.append(ffn.shared_experts)
+            for dense in dense_ffns:
+                nn.init.normal_(dense.gate_proj.weight, mean=0.0, std=std)
+                nn.init.normal_(dense.up_proj.weight, mean=0.0, std=std)
+                nn.init.normal_(dense.down_proj.weight, mean=0.0, std=out_std)
         if self.output is not None:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
 
@@ -115,6 +131,55 @@ class Transformer(nn.Module):
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+    def moe_layers(self) -> dict[int, MoEFeedForward]:
+        """The MoE feed-forwards by block index (empty for a dense model)."""
+        layers: dict[int, MoEFeedForward] = {}
+        for index, layer in enumerate(self.layers):
+            assert isinstance(layer, TransformerBlock)
+            if isinstance(layer.feed_forward, MoEFeedForward):
+                layers[index] = layer.feed_forward
+        return layers
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses from the last forward (with grad); 0 if dense."""
+        losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+        if not losses:
+            return torch.zeros((), device=self.tok_embeddings.weight.device)
+        return torch.stack(losses).sum()
+
+    def moe_stats(self) -> dict[str, float]:
+        """Expert load of the last forward: per layer and overall; empty for a dense model.
+
+        `moe_imbalance_max` is the largest max/mean tokens-per-expert ratio over layers (1.0 is
+        perfect balance), `moe_dropped_tokens` the token-expert assignments dropped by capacity.
+        """
+        stats: dict[str, float] = {}
+        imbalances, dropped = [], 0
+        for index, moe in self.moe_layers().items():
+            if moe.tokens_per_expert is None:
+                continue
+            load = moe.tokens_per_expert.float()
+            imbalance = float((load.max() / load.mean().clamp(min=1e-9)).item())
+            imbalances.append(imbalance)
+            dropped += moe.dropped_tokens
+            stats[f"moe_layer{index}_imbalance"] = imbalance
+            stats[f"moe_layer{index}_dropped_tokens"] = float(moe.dropped_tokens)
+        if imbalances:
+            stats = {
+                "moe_imbalance_max": max(imbalances),
+                "moe_dropped_tokens": float(dropped),
+                **stats,
+            }
+        return stats
+
+    def moe_tokens_per_expert(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert in the last forward, by layer ("layer3": [...])."""
+        return {
+            f"layer{index}": moe.tokens_per_expert.tolist()
+            for index, moe in self.moe_layers().items()
+            if moe.tokens_per_expert is not None
+        }
 
 
 def build_model(

@@ -1,0 +1,73 @@
+"""The routed experts: E SwiGLU MLPs stored as stacked weights and run as a grouped matmul."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grouped_mm_offsets(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """End offsets (E,) int32 of each expert's rows in the expert-sorted token matrix.
+
+    `torch._grouped_mm` takes these: group e is rows [offsets[e-1], offsets[e]), empty groups
+    allowed. E.g. tokens_per_expert [2, 0, 3] -> [2, 2, 5].
+    """
+    return torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Grouped GEMM kernels exist for bf16 on CUDA; elsewhere we loop over experts."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with weights (E, out, in), like E stacked `nn.Linear` weights.
+
+    The leading expert dimension is what an expert-parallel step shards (each rank keeps
+    E / ep experts); this module has no notion of ranks. Input rows must be sorted by expert:
+    `tokens_per_expert[e]` consecutive rows for expert e, in expert order.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, grouped: bool | None = None
+    ) -> torch.Tensor:
+        """Expert outputs (M, dim) for expert-sorted rows x (M, dim).
+
+        `grouped` forces the `torch._grouped_mm` path (True) or the per-expert loop (False);
+        None picks grouped GEMM on CUDA in bf16.
+        """
+        if grouped is None:
+            grouped = use_grouped_mm(x)
+        if grouped:
+            return self._forward_grouped(x, tokens_per_expert)
+        return self._forward_loop(x, tokens_per_expert)
+
+    def _forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        start = 0
+        for expert, count in enumerate(tokens_per_expert.tolist()):
+            rows = x[start : start + count]  # (count, dim): a contiguous slice, no gather
+            start += count
+            hidden = F.silu(F.linear(rows, self.gate_proj[expert])) * F.linear(
+                rows, self.up_proj[expert]
+            )  # (count, hidden)
+            outputs.append(F.linear(hidden, self.down_proj[expert]))
+        if not outputs:
+            return x.new_zeros(0, self.down_proj.shape[1])
+        return torch.cat(outputs)
+
+    def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offsets = grouped_mm_offsets(tokens_per_expert)
+        # _grouped_mm: (M, in) x (E, in, out) with row groups -> (M, out)
+        gate = torch._grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offsets)
+        hidden = F.silu(gate) * up  # (M, hidden)
+        return torch._grouped_mm(hidden, self.down_proj.transpose(-2, -1), offs=offsets)

@@ -1,0 +1,76 @@
+"""Token-choice top-k routing: each token picks its k highest-scoring experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """What one routing decision produces, for N tokens and E experts."""
+
+    logits: torch.Tensor  # (N, E) fp32 router logits (for the z-loss)
+    probs: torch.Tensor  # (N, E) fp32 per-token distribution over experts (for the aux loss)
+    top_weights: torch.Tensor  # (N, k) fp32 weights that scale each chosen expert's output
+    top_experts: torch.Tensor  # (N, k) int64 chosen expert ids
+
+
+class TopKRouter(nn.Module):
+    """A linear gate scoring every expert, then top-k selection per token.
+
+    Scores are softmax (Mixtral, Qwen3-MoE) or sigmoid (DeepSeek-V3) of the logits, in fp32.
+    With `norm_topk_prob` the k chosen scores are renormalised to sum to one. With
+    `bias_update_rate > 0` a per-expert bias (a buffer, not a parameter) is added to the scores
+    for *selection only* and nudged after each training forward towards balanced load
+    (auxiliary-loss-free balancing, DeepSeek-V3 section 2.1.2); the weights stay unbiased.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_experts: int,
+        top_k: int,
+        score: str = "softmax",
+        norm_topk_prob: bool = True,
+        bias_update_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.score, self.norm_topk_prob = score, norm_topk_prob
+        self.bias_update_rate = bias_update_rate
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        self.expert_bias: torch.Tensor | None
+        if bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens x (N, dim)."""
+        logits = F.linear(x, self.weight).float()  # (N, E)
+        if self.score == "softmax":
+            scores = logits.softmax(dim=-1)
+            probs = scores
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        if self.expert_bias is None:
+            top_weights, top_experts = torch.topk(scores, self.top_k, dim=-1)  # (N, k)
+        else:
+            _, top_experts = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+            top_weights = scores.gather(-1, top_experts)
+        if self.norm_topk_prob:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits, probs, top_weights, top_experts)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """bias += rate * sign(mean load - load): underloaded experts become likelier picks."""
+        if self.expert_bias is None:
+            return
+        load = tokens_per_expert.float()
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
