@@ -63,30 +63,38 @@ class Transformer(nn.Module):
                 module.reset_parameters()
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)
-            attn = layer.attention
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+            attn, ffn = layer.attention, layer.feed_forward
+            # The dense order of draws is kept exactly as it was: the golden curve depends on it.
+            dense = ffn if isinstance(ffn, FeedForward) else None
+            first = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if dense is not None:
+                first += [dense.gate_proj, dense.up_proj]
+            for linear in first:
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
             nn.init.normal_(attn.o_proj.weight, mean=0.0, std=out_std)
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-            ffn = layer.feed_forward
-            dense_ffns = [ffn] if isinstance(ffn, FeedForward) else []
-            if isinstance(ffn, MoEFeedForward):
-                nn.init.normal_(ffn.router.weight, mean=0.0, std=std)
-                if ffn.router.expert_bias is not None:
-                    nn.init.zeros_(ffn.router.expert_bias)
-                nn.init.normal_(ffn.experts.gate_proj, mean=0.0, std=std)
-                nn.init.normal_(ffn.experts.up_proj, mean=0.0, std=std)
-                nn.init.normal_(ffn.experts.down_proj, mean=0.0, std=out_std)
-                if ffn.shared_experts is not None:
-                    dense_ffns.append(ffn.shared_experts)
-            for dense in dense_ffns:
-                nn.init.normal_(dense.gate_proj.weight, mean=0.0, std=std)
-                nn.init.normal_(dense.up_proj.weight, mean=0.0, std=std)
+            if dense is not None:
                 nn.init.normal_(dense.down_proj.weight, mean=0.0, std=out_std)
+            elif isinstance(ffn, MoEFeedForward):
+                self._init_moe(ffn, std, out_std)
         if self.output is not None:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    @staticmethod
+    def _init_moe(moe: MoEFeedForward, std: float, out_std: float) -> None:
+        nn.init.normal_(moe.router.weight, mean=0.0, std=std)
+        if moe.router.expert_bias is not None:
+            nn.init.zeros_(moe.router.expert_bias)
+        nn.init.normal_(moe.experts.gate_proj, mean=0.0, std=std)
+        nn.init.normal_(moe.experts.up_proj, mean=0.0, std=std)
+        nn.init.normal_(moe.experts.down_proj, mean=0.0, std=out_std)
+        if moe.shared_experts is not None:
+            shared = moe.shared_experts
+            nn.init.normal_(shared.gate_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(shared.up_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(shared.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(
         self,

@@ -194,26 +194,34 @@ class Trainer:
         self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> dict[str, float]:
         """Forward, backward, clip and step over one global batch; returns loss and grad norm."""
-        loss_sum = 0.0
+        loss_sum = aux_sum = 0.0
         grad_norm: float | None = None
         lr = self.optimizer.param_groups[0]["lr"]
+        model = self.engine.module
         for inputs, labels in micro_batches:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             loss = self.loss_fn(self.engine(inputs), labels)
-            self.engine.backward(loss)
+            aux_loss = model.moe_aux_loss()  # MoE load-balancing + z-loss; 0 for dense
+            self.engine.backward(loss + aux_loss if model.config.n_experts else loss)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm_before_step()
             self.engine.step()
             loss_sum += loss.item()
+            aux_sum += aux_loss.item()
         reported = self.engine.get_global_grad_norm()
         if reported is not None:
             grad_norm = float(reported)
-        (global_loss,) = all_reduce_sum([loss_sum / len(micro_batches)], self.device)
-        return {
+        (global_loss, global_aux) = all_reduce_sum(
+            [loss_sum / len(micro_batches), aux_sum / len(micro_batches)], self.device
+        )
+        result = {
             "loss": global_loss / self.env.world_size,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         }
+        if model.config.n_experts:  # this rank's expert load in the last micro-batch
+            result |= {"aux_loss": global_aux / self.env.world_size, **model.moe_stats()}
+        return result
 
     def _grad_norm_before_step(self) -> float | None:
         """At ZeRO-0 in fp32 DeepSpeed reports no norm; there, grads are whole and local."""
@@ -265,6 +273,7 @@ class Trainer:
                     "data_wait_fraction": data_s / elapsed,
                     "skipped_records": self.skips.total(),
                     "skipped_steps": int(self.engine.skipped_steps),
+                    **{k: v for k, v in result.items() if k.startswith(("aux_", "moe_"))},
                 }
                 if metrics is not None and self.step % config.train.log_every == 0:
                     metrics.log(record)

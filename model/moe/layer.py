@@ -78,6 +78,10 @@ class MoEFeedForward(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
+        if torch._C._current_graph_task_id() != -1:
+            # Recomputed inside backward by activation checkpointing: the first forward already
+            # recorded its loss and load and updated the bias; do not do it twice.
+            return out.reshape(shape)
         self.aux_loss = self.aux_loss_coef * load_balancing_loss(
             routed.probs, routed.top_experts, self.n_experts
         ) + self.z_loss_coef * router_z_loss(routed.logits)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
-class RouterOutput:
-    """What one routing decision produces, for N tokens and E experts."""
+class RouterOutput(NamedTuple):
+    """What one routing decision produces, for N tokens and E experts.
+
+    A NamedTuple, not a dataclass: ZeRO-3 must see the tensors a module returns to hook them
+    (it re-gathers the router weight in backward when their gradient arrives).
+    """
 
     logits: torch.Tensor  # (N, E) fp32 router logits (for the z-loss)
     probs: torch.Tensor  # (N, E) fp32 per-token distribution over experts (for the aux loss)
