@@ -64,3 +64,35 @@ def test_tiny_moe_config_file_resolves() -> None:
     raw = yaml.safe_load((ROOT / "configs" / "tiny-moe.yaml").read_text())
     model = job_config_from_dict(raw).model
     assert (model.n_experts, model.top_k) == (8, 2)
+
+
+def test_trained_moe_checkpoint_exports_and_reimports(tmp_path: Path, corpus: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from launch.cli import main
+    from trainer.inference import load_checkpoint_model
+
+    run_dir = tmp_path / "run"
+    config = small_config(
+        run_dir,
+        corpus,
+        model=MOE_MODEL,
+        train={"max_steps": 2, "eval_every": 0},
+        checkpoint={"every": 2},
+    )
+    assert train_in_subprocess(config, tmp_path).returncode == 0
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    loaded = load_checkpoint_model(run_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    batch = torch.tensor([loaded.tokenizer.encode("def compute_value(items):\n    return 1\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(batch).logits, loaded.model(batch), atol=1e-5, rtol=1e-5)
+    imported = tmp_path / "imported"
+    assert main(["import", str(out), "--out", str(imported)]) == 0
+    again = load_checkpoint_model(imported)
+    assert again.model.config.n_experts == 4
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(batch), loaded.model(batch), atol=1e-6, rtol=1e-6)
