@@ -85,8 +85,9 @@ class Transformer(nn.Module):
     @staticmethod
     def _init_moe(moe: MoEFeedForward, std: float, out_std: float) -> None:
         nn.init.normal_(moe.router.weight, mean=0.0, std=std)
-        if moe.router.expert_bias is not None:
-            nn.init.zeros_(moe.router.expert_bias)
+        for buffer in (moe.router.expert_bias, moe.router.expert_load):
+            if buffer is not None:
+                nn.init.zeros_(buffer)
         nn.init.normal_(moe.experts.gate_proj, mean=0.0, std=std)
         nn.init.normal_(moe.experts.up_proj, mean=0.0, std=std)
         nn.init.normal_(moe.experts.down_proj, mean=0.0, std=out_std)

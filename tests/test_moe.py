@@ -187,7 +187,12 @@ def test_aux_free_bias_moves_towards_balance_and_leaves_weights_unbiased() -> No
     moe(x)
     assert moe.tokens_per_expert is not None and moe.router.expert_bias is not None
     load = moe.tokens_per_expert.float()
+    assert moe.router.expert_bias.abs().sum() == 0  # applied at the next training forward
+    torch.testing.assert_close(moe.router.expert_load, load)
+    moe(x)
     expected = 0.1 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(moe.router.expert_bias, expected)
+    moe.eval()(x)  # evaluation neither records load nor moves the bias
     torch.testing.assert_close(moe.router.expert_bias, expected)
     routed = moe.router(x.reshape(-1, 32))
     scores = routed.logits.softmax(-1).gather(-1, routed.top_experts)
@@ -247,3 +252,23 @@ def test_preset_counts_match_published_sizes() -> None:
 def test_invalid_moe_configs_name_the_key(overrides: dict[str, object], key: str) -> None:
     with pytest.raises(ModelConfigError, match=f"^{key}:"):
         moe_config(**overrides)
+
+
+def test_activation_checkpointing_keeps_moe_grads_and_updates_the_bias_once() -> None:
+    from trainer.parallelize import apply_activation_checkpointing
+
+    config = moe_config(aux_free_bias_update_rate=0.01, z_loss_coef=0.001)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads, biases = [], []
+    for checkpointed in (False, True):
+        model = build_model(config, seed=0).train()
+        if checkpointed:
+            apply_activation_checkpointing(model, "full", 1)
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        (loss + model.moe_aux_loss()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        biases.append([m.router.expert_load.clone() for m in model.moe_layers().values()])
+    for plain, recomputed in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(recomputed, plain)
+    for plain, recomputed in zip(biases[0], biases[1], strict=True):
+        torch.testing.assert_close(recomputed, plain)  # a recompute does not record load again

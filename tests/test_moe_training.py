@@ -40,6 +40,8 @@ def test_tiny_moe_trains_through_the_cli_and_logs_expert_load(tmp_path: Path, co
     assert 0.005 < first["aux_loss"] < 0.1
     assert first["moe_imbalance_max"] >= 1.0 and first["moe_layer1_imbalance"] >= 1.0
     assert "moe_layer0_imbalance" not in first  # layer 0 is dense
+    load = first["moe_tokens_per_expert"]["layer1"]  # one micro-batch of 512 tokens, top-2
+    assert len(load) == 4 and sum(load) == 512 * 2
     assert all(r["moe_dropped_tokens"] >= 0 for r in lines)
 
 

@@ -190,10 +190,12 @@ class Trainer:
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
-    def train_step(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[str, float]:
-        """Forward, backward, clip and step over one global batch; returns loss and grad norm."""
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        """Forward, backward, clip and step over one global batch; returns loss and grad norm.
+
+        For MoE models the routers' auxiliary loss joins the backward; it is reported apart
+        ("aux_loss") from the LM loss ("loss"), with the expert load ("moe_*").
+        """
         loss_sum = aux_sum = 0.0
         grad_norm: float | None = None
         lr = self.optimizer.param_groups[0]["lr"]
@@ -214,13 +216,14 @@ class Trainer:
         (global_loss, global_aux) = all_reduce_sum(
             [loss_sum / len(micro_batches), aux_sum / len(micro_batches)], self.device
         )
-        result = {
+        result: dict[str, Any] = {
             "loss": global_loss / self.env.world_size,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         }
         if model.config.n_experts:  # this rank's expert load in the last micro-batch
             result |= {"aux_loss": global_aux / self.env.world_size, **model.moe_stats()}
+            result["moe_tokens_per_expert"] = model.moe_tokens_per_expert()
         return result
 
     def _grad_norm_before_step(self) -> float | None:

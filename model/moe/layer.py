@@ -56,6 +56,12 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, dim)
+        # Activation checkpointing reruns this forward inside backward: it must route the same
+        # way and must not record its loss and load a second time.
+        recomputing = torch._C._current_graph_task_id() != -1
+        record = self.training and not recomputing
+        if record:
+            self.router.update_bias()
         routed = self.router(tokens)
         flat_experts = routed.top_experts.flatten()  # (N*k,) assignment a -> token a // k
         tokens_per_expert = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,)
@@ -78,10 +84,16 @@ class MoEFeedForward(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
-        if torch._C._current_graph_task_id() != -1:
-            # Recomputed inside backward by activation checkpointing: the first forward already
-            # recorded its loss and load and updated the bias; do not do it twice.
-            return out.reshape(shape)
+        aux_loss = self.aux_loss_coef * load_balancing_loss(
+            routed.probs, routed.top_experts, self.n_experts
+        ) + self.z_loss_coef * router_z_loss(routed.logits)
+        if not recomputing:
+            self.aux_loss = aux_loss
+            self.tokens_per_expert = tokens_per_expert.detach()
+            self.dropped_tokens = int(flat_experts.numel() - order.numel())
+        if record:
+            self.router.record_load(tokens_per_expert)
+        return out.reshape(shape)
         self.aux_loss = self.aux_loss_coef * load_balancing_loss(
             routed.probs, routed.top_experts, self.n_experts
         ) + self.z_loss_coef * router_z_loss(routed.logits)

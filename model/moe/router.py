@@ -28,8 +28,10 @@ class TopKRouter(nn.Module):
     Scores are softmax (Mixtral, Qwen3-MoE) or sigmoid (DeepSeek-V3) of the logits, in fp32.
     With `norm_topk_prob` the k chosen scores are renormalised to sum to one. With
     `bias_update_rate > 0` a per-expert bias (a buffer, not a parameter) is added to the scores
-    for *selection only* and nudged after each training forward towards balanced load
-    (auxiliary-loss-free balancing, DeepSeek-V3 section 2.1.2); the weights stay unbiased.
+    for *selection only* (auxiliary-loss-free balancing, DeepSeek-V3 section 2.1.2); the weights
+    stay unbiased. Training forwards add their load to `expert_load`; the next training forward
+    first moves the bias towards balance with it. Deferring the update keeps the routing of a
+    forward and of its recomputation under activation checkpointing identical.
     """
 
     def __init__(
@@ -47,10 +49,13 @@ class TopKRouter(nn.Module):
         self.bias_update_rate = bias_update_rate
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
         self.expert_bias: torch.Tensor | None
+        self.expert_load: torch.Tensor | None
         if bias_update_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+            # Token-expert assignments since the last bias update (saved: resumes exactly).
+            self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32))
         else:
-            self.expert_bias = None
+            self.expert_bias = self.expert_load = None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route tokens x (N, dim)."""
@@ -71,9 +76,17 @@ class TopKRouter(nn.Module):
         return RouterOutput(logits, probs, top_weights, top_experts)
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
-        """bias += rate * sign(mean load - load): underloaded experts become likelier picks."""
-        if self.expert_bias is None:
+    def record_load(self, tokens_per_expert: torch.Tensor) -> None:
+        """Add one training forward's load (E,) to the pending bias update."""
+        if self.expert_load is not None:
+            self.expert_load += tokens_per_expert.float()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """bias += rate * sign(mean load - load) for the pending load, then clear it:
+        underloaded experts become likelier picks."""
+        if self.expert_bias is None or self.expert_load is None or not self.expert_load.any():
             return
-        load = tokens_per_expert.float()
+        load = self.expert_load
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
