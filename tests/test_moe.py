@@ -19,6 +19,7 @@ from model.moe import (
     load_balancing_loss,
     router_z_loss,
 )
+from model.moe.experts import padded_group_layout
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
@@ -168,6 +169,9 @@ def test_grouped_mm_offsets_and_grouped_path_match_the_loop() -> None:
     counts = torch.tensor([2, 0, 3, 1])
     assert grouped_mm_offsets(counts).tolist() == [2, 2, 5, 6]
     assert grouped_mm_offsets(counts).dtype == torch.int32
+    padded, destination = padded_group_layout(counts, align=4)
+    assert padded.tolist() == [4, 0, 4, 4] and grouped_mm_offsets(padded).tolist() == [4, 4, 8, 12]
+    assert destination.tolist() == [0, 1, 4, 5, 6, 8]
     experts = GroupedExperts(dim=16, hidden_dim=24, n_experts=4)
     torch.nn.init.normal_(experts.gate_proj)
     torch.nn.init.normal_(experts.up_proj)
@@ -179,6 +183,14 @@ def test_grouped_mm_offsets_and_grouped_path_match_the_loop() -> None:
     except (RuntimeError, NotImplementedError) as exc:  # no CPU kernel in this torch build
         pytest.skip(f"torch._grouped_mm unavailable on CPU: {exc}")
     torch.testing.assert_close(grouped, loop, atol=1e-5, rtol=1e-5)
+    grads = []
+    for grouped_path in (False, True):
+        experts.zero_grad()
+        experts(x, counts, grouped=grouped_path).square().sum().backward()
+        grads.append([p.grad.clone() for p in experts.parameters() if p.grad is not None])
+    for loop_grad, grouped_grad in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(grouped_grad, loop_grad, atol=1e-4, rtol=1e-5)
+    assert len(grads[1]) == 3
 
 
 def test_aux_free_bias_moves_towards_balance_and_leaves_weights_unbiased() -> None:

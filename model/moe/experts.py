@@ -16,6 +16,30 @@ def grouped_mm_offsets(tokens_per_expert: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
 
 
+# Rows per group are padded to a multiple of this: the weight-gradient grouped GEMM reduces over
+# rows, and its kernels want each group's start 16-byte aligned (8 bf16 rows; 16 leaves room
+# for fp8), as torchtitan does.
+GROUP_ALIGN_ROWS = 16
+
+
+def padded_group_layout(
+    tokens_per_expert: torch.Tensor, align: int = GROUP_ALIGN_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded counts (E,), destination row (M,) of each expert-sorted row in the padded matrix).
+
+    E.g. counts [2, 0, 3] with align 4 -> padded [4, 0, 4], destinations [0, 1, 4, 5, 6].
+    """
+    padded = (tokens_per_expert + align - 1) // align * align  # (E,)
+    padded_starts = torch.cumsum(padded, 0) - padded
+    starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(tokens_per_expert.numel(), device=tokens_per_expert.device),
+        tokens_per_expert,
+    )  # (M,)
+    rows = torch.arange(expert_of_row.numel(), device=tokens_per_expert.device)
+    return padded, padded_starts[expert_of_row] + rows - starts[expert_of_row]
+
+
 def use_grouped_mm(x: torch.Tensor) -> bool:
     """Grouped GEMM kernels exist for bf16 on CUDA; elsewhere we loop over experts."""
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
@@ -65,9 +89,13 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs)
 
     def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        offsets = grouped_mm_offsets(tokens_per_expert)
+        padded, destination = padded_group_layout(tokens_per_expert)
+        offsets = grouped_mm_offsets(padded)
+        # Zero rows pad each group; they cost a little compute and get no gradient back.
+        x_padded = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, destination, x)
         # _grouped_mm: (M, in) x (E, in, out) with row groups -> (M, out)
-        gate = torch._grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offsets)
-        up = torch._grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offsets)
-        hidden = F.silu(gate) * up  # (M, hidden)
-        return torch._grouped_mm(hidden, self.down_proj.transpose(-2, -1), offs=offsets)
+        gate = torch._grouped_mm(x_padded, self.gate_proj.transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(x_padded, self.up_proj.transpose(-2, -1), offs=offsets)
+        hidden = F.silu(gate) * up  # (M_padded, hidden)
+        out = torch._grouped_mm(hidden, self.down_proj.transpose(-2, -1), offs=offsets)
+        return out[destination]  # (M, dim)
