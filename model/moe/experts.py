@@ -76,14 +76,18 @@ class GroupedExperts(nn.Module):
 
     def _forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         outputs = []
-        start = 0
-        for expert, count in enumerate(tokens_per_expert.tolist()):
-            rows = x[start : start + count]  # (count, dim): a contiguous slice, no gather
-            start += count
-            hidden = F.silu(F.linear(rows, self.gate_proj[expert])) * F.linear(
-                rows, self.up_proj[expert]
-            )  # (count, hidden)
-            outputs.append(F.linear(hidden, self.down_proj[expert]))
+        # unbind, not weight[e]: its backward stacks the E gradients once instead of adding E
+        # full-size zero-padded gradients.
+        gates, ups, downs = (
+            self.gate_proj.unbind(0),
+            self.up_proj.unbind(0),
+            self.down_proj.unbind(0),
+        )
+        for rows, gate, up, down in zip(
+            x.split(tokens_per_expert.tolist()), gates, ups, downs, strict=True
+        ):  # rows (count, dim): contiguous slices of the sorted tokens, no gather
+            hidden = F.silu(F.linear(rows, gate)) * F.linear(rows, up)  # (count, hidden)
+            outputs.append(F.linear(hidden, down))
         if not outputs:
             return x.new_zeros(0, self.down_proj.shape[1])
         return torch.cat(outputs)
