@@ -9,11 +9,12 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.feed_forward import FeedForward
 from model.kv_cache import KVCache
+from model.moe.layer import MoEFeedForward
 from model.norm import RMSNorm
 
 
 class TransformerBlock(nn.Module):
-    """Attention and SwiGLU feed-forward, each behind an RMSNorm and a residual."""
+    """Attention and a SwiGLU feed-forward (dense or MoE), each behind an RMSNorm and a residual."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -21,7 +22,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        self.feed_forward: FeedForward | MoEFeedForward = (
+            MoEFeedForward(config)
+            if config.is_moe_layer(layer_idx)
+            else FeedForward(config.dim, config.ffn_dim)
+        )
 
     def forward(
         self,

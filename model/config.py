@@ -36,6 +36,19 @@ class ModelConfig:
     sliding_window: int | None = None  # each query sees itself and the previous window-1 keys
     reset_positions_per_document: bool = False  # with doc_ids: RoPE positions restart per document
     init_std: float = 0.02
+    # Mixture of Experts (model/moe). n_experts = 0 means a dense model; the rest is then unused.
+    n_experts: int = 0
+    top_k: int = 2  # experts per token (token-choice routing)
+    moe_ffn_hidden_dim: int | None = None  # SwiGLU hidden size of each expert; None: ffn_dim
+    n_shared_experts: int = 0  # always-on experts of moe_ffn_hidden_dim each, fused into one MLP
+    router_score: str = "softmax"  # "softmax" or "sigmoid" (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss (1.0 when perfectly balanced)
+    z_loss_coef: float = 0.0  # router z-loss: mean(logsumexp(router_logits)^2)
+    aux_free_bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 per-expert selection bias
+    capacity_factor: float | None = None  # None: dropless; else overflow tokens are dropped
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 ...
+    first_dense_layers: int = 0  # ... and i >= first_dense_layers
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +82,63 @@ class ModelConfig:
             raise ModelConfigError(
                 f"rope_scaling.type: only 'llama3' is supported, got {self.rope_scaling['type']!r}"
             )
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.n_experts < 0:
+            raise ModelConfigError(f"n_experts: must be >= 0 (0: dense), got {self.n_experts}")
+        if self.n_experts == 0:
+            return
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ModelConfigError(
+                f"top_k: must be in [1, n_experts={self.n_experts}], got {self.top_k}"
+            )
+        if self.moe_ffn_hidden_dim is not None and self.moe_ffn_hidden_dim <= 0:
+            raise ModelConfigError(
+                f"moe_ffn_hidden_dim: must be positive or null, got {self.moe_ffn_hidden_dim}"
+            )
+        if self.n_shared_experts < 0:
+            raise ModelConfigError(f"n_shared_experts: must be >= 0, got {self.n_shared_experts}")
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise ModelConfigError(
+                f"router_score: must be 'softmax' or 'sigmoid', got {self.router_score!r}"
+            )
+        for key in ("aux_loss_coef", "z_loss_coef", "aux_free_bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ModelConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ModelConfigError(
+                f"capacity_factor: must be positive or null, got {self.capacity_factor}"
+            )
+        if self.moe_every <= 0:
+            raise ModelConfigError(f"moe_every: must be positive, got {self.moe_every}")
+        if self.first_dense_layers < 0:
+            raise ModelConfigError(
+                f"first_dense_layers: must be >= 0, got {self.first_dense_layers}"
+            )
+        if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+            raise ModelConfigError(
+                f"n_experts: {self.n_experts} experts but no MoE layer among {self.n_layers} "
+                f"(moe_every={self.moe_every}, first_dense_layers={self.first_dense_layers})"
+            )
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` has an MoE feed-forward (Qwen3-MoE's decoder_sparse_step rule)."""
+        return (
+            self.n_experts > 0
+            and layer_idx >= self.first_dense_layers
+            and (layer_idx + 1) % self.moe_every == 0
+        )
+
+    @property
+    def n_moe_layers(self) -> int:
+        """How many blocks have an MoE feed-forward."""
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    @property
+    def expert_dim(self) -> int:
+        """SwiGLU hidden size of one routed (or shared) expert."""
+        return self.moe_ffn_hidden_dim if self.moe_ffn_hidden_dim is not None else self.ffn_dim
 
     @property
     def kv_heads(self) -> int:

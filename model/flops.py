@@ -31,12 +31,22 @@ def param_counts(config: ModelConfig) -> ParamCounts:
         attention += dim
     if config.qk_norm:
         attention += 2 * head_dim
-    feed_forward = 3 * dim * config.ffn_dim
-    per_layer = attention + feed_forward + 2 * dim  # two RMSNorm weights
+    dense_ffn = 3 * dim * config.ffn_dim
+    expert = 3 * dim * config.expert_dim  # one routed or shared SwiGLU expert
+    # An MoE layer: the router (E x dim), E routed experts and the shared experts; a token
+    # runs through the router, its top_k experts and the shared ones.
+    shared = config.n_shared_experts * expert
+    moe_total = config.n_experts * dim + config.n_experts * expert + shared
+    moe_active = config.n_experts * dim + config.top_k * expert + shared
+    n_moe = config.n_moe_layers
+    n_dense = config.n_layers - n_moe
+    per_layer = attention + 2 * dim  # two RMSNorm weights
     embedding = vocab * dim
     output_head = 0 if config.tie_embeddings else vocab * dim
-    total = embedding + output_head + config.n_layers * per_layer + dim
-    return ParamCounts(total=total, embedding=embedding, output_head=output_head, active=total)
+    outer = embedding + output_head + dim + config.n_layers * per_layer + n_dense * dense_ffn
+    total = outer + n_moe * moe_total
+    active = outer + n_moe * moe_active
+    return ParamCounts(total=total, embedding=embedding, output_head=output_head, active=active)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -10,8 +10,10 @@ from torch import nn
 
 from model.block import TransformerBlock
 from model.config import ModelConfig
+from model.feed_forward import FeedForward
 from model.kv_cache import KVCache
 from model.masking import attention_mask, positions_within_documents
+from model.moe.layer import MoEFeedForward
 from model.norm import RMSNorm
 from model.rope import rope_cos_sin
 
@@ -62,15 +64,38 @@ class Transformer(nn.Module):
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)
             attn, ffn = layer.attention, layer.feed_forward
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, ffn.gate_proj, ffn.up_proj):
+            # The dense order of draws is kept exactly as it was: the golden curve depends on it.
+            dense = ffn if isinstance(ffn, FeedForward) else None
+            first = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if dense is not None:
+                first += [dense.gate_proj, dense.up_proj]
+            for linear in first:
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
             nn.init.normal_(attn.o_proj.weight, mean=0.0, std=out_std)
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-            nn.init.normal_(ffn.down_proj.weight, mean=0.0, std=out_std)
+            if dense is not None:
+                nn.init.normal_(dense.down_proj.weight, mean=0.0, std=out_std)
+            elif isinstance(ffn, MoEFeedForward):
+                self._init_moe(ffn, std, out_std)
         if self.output is not None:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    @staticmethod
+    def _init_moe(moe: MoEFeedForward, std: float, out_std: float) -> None:
+        nn.init.normal_(moe.router.weight, mean=0.0, std=std)
+        for buffer in (moe.router.expert_bias, moe.router.expert_load):
+            if buffer is not None:
+                nn.init.zeros_(buffer)
+        nn.init.normal_(moe.experts.gate_proj, mean=0.0, std=std)
+        nn.init.normal_(moe.experts.up_proj, mean=0.0, std=std)
+        nn.init.normal_(moe.experts.down_proj, mean=0.0, std=out_std)
+        if moe.shared_experts is not None:
+            shared = moe.shared_experts
+            nn.init.normal_(shared.gate_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(shared.up_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(shared.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(
         self,
@@ -115,6 +140,55 @@ class Transformer(nn.Module):
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+    def moe_layers(self) -> dict[int, MoEFeedForward]:
+        """The MoE feed-forwards by block index (empty for a dense model)."""
+        layers: dict[int, MoEFeedForward] = {}
+        for index, layer in enumerate(self.layers):
+            assert isinstance(layer, TransformerBlock)
+            if isinstance(layer.feed_forward, MoEFeedForward):
+                layers[index] = layer.feed_forward
+        return layers
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses from the last forward (with grad); 0 if dense."""
+        losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+        if not losses:
+            return torch.zeros((), device=self.tok_embeddings.weight.device)
+        return torch.stack(losses).sum()
+
+    def moe_stats(self) -> dict[str, float]:
+        """Expert load of the last forward: per layer and overall; empty for a dense model.
+
+        `moe_imbalance_max` is the largest max/mean tokens-per-expert ratio over layers (1.0 is
+        perfect balance), `moe_dropped_tokens` the token-expert assignments dropped by capacity.
+        """
+        stats: dict[str, float] = {}
+        imbalances, dropped = [], 0
+        for index, moe in self.moe_layers().items():
+            if moe.tokens_per_expert is None:
+                continue
+            load = moe.tokens_per_expert.float()
+            imbalance = float((load.max() / load.mean().clamp(min=1e-9)).item())
+            imbalances.append(imbalance)
+            dropped += moe.dropped_tokens
+            stats[f"moe_layer{index}_imbalance"] = imbalance
+            stats[f"moe_layer{index}_dropped_tokens"] = float(moe.dropped_tokens)
+        if imbalances:
+            stats = {
+                "moe_imbalance_max": max(imbalances),
+                "moe_dropped_tokens": float(dropped),
+                **stats,
+            }
+        return stats
+
+    def moe_tokens_per_expert(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert in the last forward, by layer ("layer3": [...])."""
+        return {
+            f"layer{index}": moe.tokens_per_expert.tolist()
+            for index, moe in self.moe_layers().items()
+            if moe.tokens_per_expert is not None
+        }
 
 
 def build_model(

@@ -185,9 +185,11 @@ def test_unsupported_and_broken_folders_are_one_line_errors(tmp_path: Path) -> N
     config = json.loads(config_path.read_text())
 
     config_path.write_text(
-        json.dumps({**config, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral"})
+        json.dumps(
+            {**config, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+        )
     )
-    with pytest.raises(HFFormatError, match=r"MixtralForCausalLM.*not supported"):
+    with pytest.raises(HFFormatError, match=r"DeepseekV3ForCausalLM.*not supported"):
         HFFolder(tmp_path / "hf")
 
     config_path.write_text(json.dumps({**config, "intermediate_size": 128}))

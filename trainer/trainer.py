@@ -189,30 +189,41 @@ class Trainer:
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
-    def train_step(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[str, float]:
-        """Forward, backward, clip and step over one global batch; returns loss and grad norm."""
-        loss_sum = 0.0
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        """Forward, backward, clip and step over one global batch; returns loss and grad norm.
+
+        For MoE models the routers' auxiliary loss joins the backward; it is reported apart
+        ("aux_loss") from the LM loss ("loss"), with the expert load ("moe_*").
+        """
+        loss_sum = aux_sum = 0.0
         grad_norm: float | None = None
         lr = self.optimizer.param_groups[0]["lr"]
+        model = self.engine.module
         for inputs, labels in micro_batches:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             loss = self.loss_fn(self.engine(inputs, doc_ids=self._doc_ids(inputs)), labels)
-            self.engine.backward(loss)
+            aux_loss = model.moe_aux_loss()  # MoE load-balancing + z-loss; 0 for dense
+            self.engine.backward(loss + aux_loss if model.config.n_experts else loss)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm_before_step()
             self.engine.step()
             loss_sum += loss.item()
+            aux_sum += aux_loss.item()
         reported = self.engine.get_global_grad_norm()
         if reported is not None:
             grad_norm = float(reported)
-        (global_loss,) = all_reduce_sum([loss_sum / len(micro_batches)], self.device)
-        return {
+        (global_loss, global_aux) = all_reduce_sum(
+            [loss_sum / len(micro_batches), aux_sum / len(micro_batches)], self.device
+        )
+        result: dict[str, Any] = {
             "loss": global_loss / self.env.world_size,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         }
+        if model.config.n_experts:  # this rank's expert load in the last micro-batch
+            result |= {"aux_loss": global_aux / self.env.world_size, **model.moe_stats()}
+            result["moe_tokens_per_expert"] = model.moe_tokens_per_expert()
+        return result
 
     def _doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Per-token document ids when attention must not cross packed documents."""
@@ -273,6 +284,7 @@ class Trainer:
                     "skipped_steps": int(self.engine.skipped_steps),
                     "skipped_by_reason": dict(self.skips.counts),
                     "tokens_by_source": self.loader.sequences.tokens_by_source(),
+                    **{k: v for k, v in result.items() if k.startswith(("aux_", "moe_"))},
                 }
                 if metrics is not None and self.step % config.train.log_every == 0:
                     metrics.log(record)

@@ -2,8 +2,9 @@
 
 A family is data, not code: which attention features its `config.json` can describe and under
 which keys. Converting reads the shared keys (sizes, RoPE, norm eps, tying) once, then lets the
-family's flags decide the rest. A new dense family is one more `HFFamily(...)` entry; MoE
-families will add their own fields (experts, router) the same way.
+family's flags decide the rest. A new dense family is one more `HFFamily(...)` entry; an MoE
+family also names its `moe_style` (Mixtral: every layer sparse, renormalised top-k; Qwen-MoE:
+`decoder_sparse_step`, `mlp_only_layers`, `norm_topk_prob`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class HFFamily:
     sliding: Literal["never", "global", "layer_types"]
     rope_scaling: bool  # can carry Llama-3 frequency scaling
     extra_hf_keys: dict[str, Any] = field(default_factory=dict)  # written as-is on export
+    moe_style: Literal["none", "mixtral", "qwen_moe"] = "none"
 
     def check_exportable(self, config: ModelConfig) -> None:
         """Raise HFFormatError naming the first feature of `config` this family cannot hold."""
@@ -59,11 +61,88 @@ class HFFamily:
             problems.append("rope_scaling")
         if self.model_type == "qwen2" and config.head_dim * config.n_heads != config.dim:
             problems.append(f"head_dim={config.head_dim} != dim / n_heads")
+        problems += self._moe_problems(config)
         if problems:
             raise HFFormatError(
                 f"architecture: {self.architecture} cannot express {problems[0]}; "
                 f"pick another with --arch ({', '.join(FAMILIES)})"
             )
+
+    def _moe_problems(self, config: ModelConfig) -> list[str]:
+        if self.moe_style == "none":
+            return [f"n_experts={config.n_experts} (MoE)"] if config.n_experts else []
+        if not config.n_experts:
+            return ["a dense model (n_experts=0)"]
+        problems = []
+        if config.router_score != "softmax":
+            problems.append(f"router_score={config.router_score!r}")
+        if config.n_shared_experts:
+            problems.append(f"n_shared_experts={config.n_shared_experts}")
+        if config.aux_free_bias_update_rate:
+            problems.append("aux_free_bias_update_rate (a per-expert routing bias)")
+        if config.capacity_factor is not None:
+            problems.append(f"capacity_factor={config.capacity_factor} (it routes dropless)")
+        if self.moe_style == "mixtral":
+            if not config.norm_topk_prob:
+                problems.append("norm_topk_prob=False")
+            if config.n_moe_layers != config.n_layers:
+                problems.append("dense layers among MoE layers")
+        return problems
+
+    def _moe_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        # transformers' balance loss is top_k times ours (it divides counts by N, not N*k).
+        coef = config.aux_loss_coef / config.top_k
+        if self.moe_style == "mixtral":
+            return {
+                "intermediate_size": config.expert_dim,
+                "num_local_experts": config.n_experts,
+                "num_experts_per_tok": config.top_k,
+                "router_aux_loss_coef": coef,
+                "router_jitter_noise": 0.0,
+                "output_router_logits": False,
+            }
+        return {
+            "moe_intermediate_size": config.expert_dim,
+            "num_experts": config.n_experts,
+            "num_experts_per_tok": config.top_k,
+            "norm_topk_prob": config.norm_topk_prob,
+            "decoder_sparse_step": config.moe_every,
+            "mlp_only_layers": list(range(config.first_dense_layers)),
+            "router_aux_loss_coef": coef,
+            "output_router_logits": False,
+        }
+
+    def _moe_from_hf(self, hf: dict[str, Any], where: str) -> dict[str, Any]:
+        """Our MoE fields for a config.json of this family ({} for a dense family)."""
+        if self.moe_style == "none":
+            return {}
+        n_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+        top_k = int(hf.get("num_experts_per_tok") or 2)
+        coef = float(hf.get("router_aux_loss_coef") or 0.0) * top_k
+        if self.moe_style == "mixtral":
+            return {
+                "n_experts": int(n_experts),
+                "top_k": top_k,
+                "moe_ffn_hidden_dim": int(hf["intermediate_size"]),
+                "norm_topk_prob": True,
+                "aux_loss_coef": coef,
+            }
+        n_layers = int(hf["num_hidden_layers"])
+        dense = sorted(int(i) for i in hf.get("mlp_only_layers") or [])
+        if dense != list(range(len(dense))):
+            raise HFFormatError(
+                f"{where}: mlp_only_layers: only a prefix of dense layers is supported, got {dense}"
+            )
+        fields = {
+            "n_experts": int(n_experts),
+            "top_k": top_k,
+            "moe_ffn_hidden_dim": int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+            "aux_loss_coef": coef,
+            "moe_every": int(hf.get("decoder_sparse_step") or 1),
+            "first_dense_layers": min(len(dense), n_layers),
+        }
+        return fields
 
     def to_hf_config(self, config: ModelConfig, dtype: str) -> dict[str, Any]:
         """The `config.json` of `config` as this architecture (our config must be exportable)."""
@@ -108,6 +187,8 @@ class HFFamily:
             hf["max_window_layers"] = 0 if window is not None else config.n_layers
             kind = "sliding_attention" if window is not None else "full_attention"
             hf["layer_types"] = [kind] * config.n_layers
+        if self.moe_style != "none":
+            hf.update(self._moe_to_hf(config))
         hf.update(self.extra_hf_keys)
         return hf
 
@@ -171,6 +252,7 @@ class HFFamily:
                 attention_out_bias=attention_out_bias,
                 sliding_window=None if window is None else int(window),
                 init_std=float(get("initializer_range", 0.02)),
+                **self._moe_from_hf(hf, where),
             )
         except ModelConfigError as exc:
             raise HFFormatError(f"{where}: {exc}") from None
@@ -221,6 +303,18 @@ FAMILIES: dict[str, HFFamily] = {
         HFFamily("MistralForCausalLM", "mistral", "never", False, "global", False),
         HFFamily("Qwen2ForCausalLM", "qwen2", "always", False, "layer_types", False),
         HFFamily("Qwen3ForCausalLM", "qwen3", "flag", True, "layer_types", False),
+        HFFamily(
+            "MixtralForCausalLM", "mixtral", "never", False, "global", False, moe_style="mixtral"
+        ),
+        HFFamily(
+            "Qwen3MoeForCausalLM",
+            "qwen3_moe",
+            "flag",
+            True,
+            "layer_types",
+            False,
+            moe_style="qwen_moe",
+        ),
     )
 }
 

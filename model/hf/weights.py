@@ -11,7 +11,7 @@ import torch
 from model.config import ModelConfig
 from model.hf.families import HFFamily, HFFormatError, family_for
 from model.hf.folder import CONFIG_FILE, HFFolder, write_safetensors_shards
-from model.hf.state_dict import hf_to_ours_name, ours_to_hf_name
+from model.hf.state_dict import hf_expert_slot, hf_to_ours_name, ours_to_hf_names
 from model.transformer import Transformer, build_model
 
 
@@ -28,18 +28,37 @@ def iter_converted(folder: HFFolder, config: ModelConfig) -> Iterator[tuple[str,
     """
     shapes = expected_shapes(config)
     seen: set[str] = set()
+    # Per-expert HF tensors gathered until all E are in, then stacked into our one tensor.
+    pending: dict[str, dict[int, torch.Tensor]] = {}
     for hf_name, tensor in folder.tensors():
-        try:
-            name = hf_to_ours_name(hf_name)
-        except KeyError:
-            raise HFFormatError(
-                f"{folder.folder}: tensor {hf_name!r} has no place in a {folder.family.architecture}"
-                " model of this config"
-            ) from None
-        if name is None or (name == "output.weight" and config.tie_embeddings):
-            continue
-        if name not in shapes:
-            raise HFFormatError(f"{folder.folder}: tensor {hf_name!r} is not used by this config")
+        slot = hf_expert_slot(hf_name)
+        if slot is not None:
+            name, expert = slot
+            if name not in shapes or expert >= shapes[name][0]:
+                raise HFFormatError(
+                    f"{folder.folder}: tensor {hf_name!r} is not used by this config"
+                )
+            experts = pending.setdefault(name, {})
+            experts[expert] = tensor
+            if len(experts) < shapes[name][0]:
+                continue
+            tensor = torch.stack([experts[e] for e in range(len(experts))])
+            del pending[name]
+        else:
+            try:
+                our_name = hf_to_ours_name(hf_name)
+            except KeyError:
+                raise HFFormatError(
+                    f"{folder.folder}: tensor {hf_name!r} has no place in a "
+                    f"{folder.family.architecture} model of this config"
+                ) from None
+            if our_name is None or (our_name == "output.weight" and config.tie_embeddings):
+                continue
+            name = our_name
+            if name not in shapes:
+                raise HFFormatError(
+                    f"{folder.folder}: tensor {hf_name!r} is not used by this config"
+                )
         if tensor.shape != shapes[name]:
             raise HFFormatError(
                 f"{folder.folder}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
@@ -91,14 +110,26 @@ def write_hf_weights(
     out.mkdir(parents=True, exist_ok=True)
     hf_config = family.to_hf_config(config, str(dtype).removeprefix("torch."))
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    to_ours = {ours_to_hf_name(name): name for name, _ in numels}
+    # Stacked experts become one HF tensor per expert: (our name, expert index or None).
+    to_ours: dict[str, tuple[str, int | None]] = {}
+    sizes: list[tuple[str, int]] = []
     itemsize = torch.empty((), dtype=dtype).element_size()
-    files = write_safetensors_shards(
-        out,
-        [(ours_to_hf_name(name), numel * itemsize) for name, numel in numels],
-        lambda hf_name: load(to_ours[hf_name]).to(dtype).contiguous(),
-        max_shard_bytes,
-    )
+    for name, numel in numels:
+        hf_names = ours_to_hf_names(name, config.n_experts, family.moe_style)
+        for hf_name, expert in hf_names:
+            to_ours[hf_name] = (name, expert)
+            sizes.append((hf_name, numel // len(hf_names) * itemsize))
+    last: list[tuple[str, torch.Tensor]] = []  # the experts of one tensor are written in a row
+
+    def load_hf(hf_name: str) -> torch.Tensor:
+        name, expert = to_ours[hf_name]
+        if expert is None:
+            return load(name).to(dtype).contiguous()
+        if not last or last[0][0] != name:
+            last[:] = [(name, load(name))]
+        return last[0][1][expert].to(dtype).contiguous()
+
+    files = write_safetensors_shards(out, sizes, load_hf, max_shard_bytes)
     return [CONFIG_FILE, *files]
 
 
