@@ -19,8 +19,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from model.config import ModelConfigError
     from trainer.checkpoint import CheckpointError
     from trainer.config_io import ConfigError
+    from trainer.health import TrainingHealthError
 
-    return (ConfigError, DataError, CheckpointError, ModelConfigError, LaunchError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ModelConfigError,
+        LaunchError,
+        TrainingHealthError,
+    )
 
 
 def _setup_logging(is_main: bool = True) -> None:
@@ -99,7 +107,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_job_config(args.config, args.set)
     env = detect_environment()
     _setup_logging(env.is_main)
-    trainer = Trainer(config, env, fail_at_step=args.fail_at_step, stall_at_step=args.stall_at_step)
+    trainer = Trainer(
+        config,
+        env,
+        fail_at_step=args.fail_at_step,
+        stall_at_step=args.stall_at_step,
+        inject=args.inject,
+    )
     trainer.setup()
     trainer.fit()
     if env.is_main and config.train.sample_prompt and not trainer.preempted:
@@ -251,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     train.add_argument("--stall-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--inject", default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")

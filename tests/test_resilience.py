@@ -242,3 +242,47 @@ def test_partitioned_checkpoint_on_another_world_size_is_refused(
         "written by 2 ranks at ZeRO-2; resuming on 1 ranks at ZeRO-2 is supported only from ZeRO-0"
         in result.stderr
     )
+
+
+@pytest.mark.parametrize(("nproc", "stage"), [(1, 0), (2, 2)])
+def test_nan_loss_skips_the_update_on_every_rank(
+    nproc: int, stage: int, tmp_path: Path, corpus: Path
+) -> None:
+    config = config_file(
+        tmp_path, corpus, "nan", train={"max_steps": 6}, parallel={"zero_stage": stage}
+    )
+    run(train_cmd(config, nproc, "--inject", "nan@3"))  # rank 0's loss is NaN at step 3
+    lines = step_lines(tmp_path / "nan")
+    assert [r["skipped_update"] for r in lines] == [False, False, True, False, False, False]
+    assert lines[2]["loss"] is None  # NaN is written as null
+    assert lines[-1]["skipped_nonfinite"] == 1 and lines[-1]["skipped_spikes"] == 0
+    assert all(r["loss"] is not None for r in lines[3:])
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "nan/checkpoints/step_00000006/model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_loss_spike_is_skipped_and_counted(tmp_path: Path, corpus: Path) -> None:
+    train = {"max_steps": 8, "spike_min_history": 3, "spike_window": 10}
+    config = config_file(tmp_path, corpus, "spike", train=train)
+    run(train_cmd(config, 1, "--inject", "spike@6"))
+    lines = step_lines(tmp_path / "spike")
+    assert [r["step"] for r in lines if r["skipped_update"]] == [6]
+    assert lines[-1]["skipped_spikes"] == 1 and lines[-1]["skipped_nonfinite"] == 0
+    state = (tmp_path / "spike/checkpoints/step_00000008/trainer_state.json").read_text()
+    assert '"skipped_spikes": 1' in state  # the guard's state survives a resume
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path: Path, corpus: Path) -> None:
+    config = config_file(
+        tmp_path, corpus, "nans", train={"max_steps": 8, "max_nonfinite_in_a_row": 3}
+    )
+    result = run(train_cmd(config, 1, "--inject", "nan@2,nan@3,nan@4"), expect=2)
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "scaletrain: error: 3 steps in a row had a non-finite loss or gradient; stopping"
+        )
+    )

@@ -47,6 +47,10 @@ class TrainConfig:
     progress: bool = True
     sample_prompt: str | None = "def "
     sample_tokens: int = 48
+    spike_sigma: float = 6.0  # skip a step whose loss exceeds mean + k*std of recent ones; 0: off
+    spike_window: int = 100
+    spike_min_history: int = 20
+    max_nonfinite_in_a_row: int = 5  # stop after this many non-finite steps in a row
 
     def __post_init__(self) -> None:
         for key in (
@@ -68,6 +72,14 @@ class TrainConfig:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if self.spike_sigma < 0 or self.spike_window < 1 or self.spike_min_history < 2:
+            raise ValueError(
+                "spike_sigma: must be >= 0 (with spike_window >= 1, spike_min_history >= 2)"
+            )
+        if self.max_nonfinite_in_a_row < 1:
+            raise ValueError(
+                f"max_nonfinite_in_a_row: must be >= 1, got {self.max_nonfinite_in_a_row}"
+            )
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
 

@@ -42,6 +42,7 @@ from trainer.distributed import (
     set_collective_timeout,
 )
 from trainer.hardware import current_device_peak_flops
+from trainer.health import LossGuard
 from trainer.metrics import MetricsLogger
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallelize import parallelize
@@ -97,6 +98,18 @@ def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
+def parse_injections(spec: str | None) -> tuple[set[int], set[int]]:
+    """Test hook `--inject nan@3,spike@7`: steps whose loss becomes NaN / 50x on rank 0."""
+    nan_steps: set[int] = set()
+    spike_steps: set[int] = set()
+    for item in (spec or "").split(","):
+        if not item:
+            continue
+        kind, _, step = item.partition("@")
+        (nan_steps if kind == "nan" else spike_steps).add(int(step))
+    return nan_steps, spike_steps
+
+
 class Trainer:
     """Pretraining through the DeepSpeed engine; one instance per process."""
 
@@ -106,6 +119,7 @@ class Trainer:
         env: DistEnv,
         fail_at_step: int | None = None,
         stall_at_step: int | None = None,
+        inject: str | None = None,
     ) -> None:
         self.config = config
         self.env = env
@@ -121,6 +135,14 @@ class Trainer:
         self._stall_at_step = stall_at_step
         self._stop_signal: int | None = None
         self.preempted = False
+        self._inject_nan_steps, self._inject_spike_steps = parse_injections(inject)
+        train = config.train
+        self.guard = LossGuard(
+            train.spike_sigma,
+            train.spike_window,
+            train.spike_min_history,
+            train.max_nonfinite_in_a_row,
+        )
         self._eval_sets: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     # ---------------------------------------------------------------- setup
@@ -199,31 +221,79 @@ class Trainer:
         grad_norm: float | None = None
         lr = self.optimizer.param_groups[0]["lr"]
         model = self.engine.module
+        reason: str | None = None  # why this rank wants the step skipped
+        skipped_before = int(self.engine.skipped_steps)
+        dropped = False
         for inputs, labels in micro_batches:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             loss = self.loss_fn(self.engine(inputs, doc_ids=self._doc_ids(inputs)), labels)
+            loss = loss * self._injected_fault()
             aux_loss = model.moe_aux_loss()  # MoE load-balancing + z-loss; 0 for dense
-            self.engine.backward(loss + aux_loss if model.config.n_experts else loss)
+            total = loss + aux_loss if model.config.n_experts else loss
+            bad = self.guard.classify(loss.item())
+            if bad is not None:
+                reason = reason or bad
+                total = total * float("nan")  # poisoned gradients make every rank skip the step
+            self.engine.backward(total)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm_before_step()
-            self.engine.step()
+                if grad_norm is not None and not math.isfinite(grad_norm):
+                    dropped = self._drop_gradients()
+            self._engine_step(skip=dropped)
             loss_sum += loss.item()
             aux_sum += aux_loss.item()
         reported = self.engine.get_global_grad_norm()
         if reported is not None:
             grad_norm = float(reported)
-        (global_loss, global_aux) = all_reduce_sum(
-            [loss_sum / len(micro_batches), aux_sum / len(micro_batches)], self.device
+        global_loss, global_aux, spikes = all_reduce_sum(
+            [loss_sum / len(micro_batches), aux_sum / len(micro_batches), float(reason == "spike")],
+            self.device,
+        )
+        skipped = dropped or int(self.engine.skipped_steps) > skipped_before
+        mean_loss = global_loss / self.env.world_size
+        self.guard.after_step(
+            mean_loss, skipped, "spike" if spikes > 0 and math.isfinite(mean_loss) else "nonfinite"
         )
         result: dict[str, Any] = {
-            "loss": global_loss / self.env.world_size,
+            "loss": mean_loss,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+            "skipped_update": skipped,
+            "skipped_nonfinite": self.guard.skipped_nonfinite,
+            "skipped_spikes": self.guard.skipped_spikes,
         }
         if model.config.n_experts:  # this rank's expert load in the last micro-batch
             result |= {"aux_loss": global_aux / self.env.world_size, **model.moe_stats()}
             result["moe_tokens_per_expert"] = model.moe_tokens_per_expert()
         return result
+
+    def _drop_gradients(self) -> bool:
+        """ZeRO-0 has no overflow check of its own: with the gradients gone, AdamW skips."""
+        for param in self.model.parameters():
+            param.grad = None
+        return True
+
+    def _engine_step(self, skip: bool) -> None:
+        """engine.step(); for a ZeRO-0 step without gradients, without DeepSpeed's clipping
+        (which cannot handle an empty gradient list). The scheduler still advances."""
+        if not skip:
+            self.engine.step()
+            return
+        clip = self.engine._config.gradient_clipping
+        self.engine._config.gradient_clipping = 0.0
+        try:
+            self.engine.step()
+        finally:
+            self.engine._config.gradient_clipping = clip
+
+    def _injected_fault(self) -> float:
+        """Test hook: a factor on rank 0's loss at the steps named by --inject (nan or spike)."""
+        step = self.step + 1
+        if self.env.rank == 0 and step in self._inject_nan_steps:
+            return float("nan")
+        if self.env.rank == 0 and step in self._inject_spike_steps:
+            return 50.0
+        return 1.0
 
     def _doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Per-token document ids when attention must not cross packed documents."""
@@ -284,14 +354,16 @@ class Trainer:
                     "skipped_steps": int(self.engine.skipped_steps),
                     "skipped_by_reason": dict(self.skips.counts),
                     "tokens_by_source": self.loader.sequences.tokens_by_source(),
-                    **{k: v for k, v in result.items() if k.startswith(("aux_", "moe_"))},
+                    **{
+                        k: v
+                        for k, v in result.items()
+                        if k.startswith(("aux_", "moe_", "skipped_"))
+                    },
                 }
                 if metrics is not None and self.step % config.train.log_every == 0:
                     metrics.log(record)
                 progress.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 progress.update(1)
-                if not math.isfinite(result["loss"]):
-                    raise RuntimeError(f"loss is {result['loss']} at step {self.step}")
                 if config.train.eval_every > 0 and self.step % config.train.eval_every == 0:
                     self._evaluate_and_log(metrics, progress)
                 if config.checkpoint.every > 0 and self.step % config.checkpoint.every == 0:
@@ -426,6 +498,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "data": self.loader.state_dict(),
             "skipped_records": dict(self.skips.counts),
+            "loss_guard": self.guard.state_dict(),
             "world_size": self.env.world_size,
             "zero_stage": self.config.parallel.zero_stage,
             "precision": self.precision,
@@ -506,6 +579,8 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.loader.load_state_dict(state["data"])
         self.skips.counts.update(state.get("skipped_records", {}))
+        if "loss_guard" in state:
+            self.guard.load_state_dict(state["loss_guard"])
         rng_file = folder / "rng" / f"rank_{self.env.rank:05d}.pt"
         if not rng_file.is_file():
             rng_file = folder / "rng" / "rank_00000.pt"
