@@ -172,6 +172,7 @@ def test_grouped_mm_offsets_and_grouped_path_match_the_loop() -> None:
     padded, destination = padded_group_layout(counts, align=4)
     assert padded.tolist() == [4, 0, 4, 4] and grouped_mm_offsets(padded).tolist() == [4, 4, 8, 12]
     assert destination.tolist() == [0, 1, 4, 5, 6, 8]
+    torch.manual_seed(0)
     experts = GroupedExperts(dim=16, hidden_dim=24, n_experts=4)
     torch.nn.init.normal_(experts.gate_proj)
     torch.nn.init.normal_(experts.up_proj)
@@ -188,8 +189,10 @@ def test_grouped_mm_offsets_and_grouped_path_match_the_loop() -> None:
         experts.zero_grad()
         experts(x, counts, grouped=grouped_path).square().sum().backward()
         grads.append([p.grad.clone() for p in experts.parameters() if p.grad is not None])
+    # O(1) gradients summed in another order by the grouped kernel: ~1e-4 relative apart,
+    # while a routing or layout error would be O(1) apart.
     for loop_grad, grouped_grad in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(grouped_grad, loop_grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(grouped_grad, loop_grad, atol=1e-4, rtol=1e-3)
     assert len(grads[1]) == 3
 
 
