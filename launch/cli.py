@@ -7,10 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
 EXIT_USAGE = 2
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -117,26 +121,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.setup()
     trainer.fit()
     if env.is_main and config.train.sample_prompt and not trainer.preempted:
-        _print_sample(
-            str(trainer.checkpoint_root), config.train.sample_prompt, config.train.sample_tokens
-        )
+        _print_sample(str(trainer.checkpoint_root), config.train, config.run.seed)
     destroy()
     return 0
 
 
-def _print_sample(checkpoint: str, prompt: str, max_new_tokens: int) -> None:
+def _print_sample(checkpoint: str, config: TrainConfig, seed: int) -> None:
     from model.generation import generate
     from trainer.inference import load_checkpoint_model
 
+    assert config.sample_prompt is not None
     loaded = load_checkpoint_model(checkpoint)
     ids = generate(
         loaded.model,
-        loaded.tokenizer.encode(prompt),
-        max_new_tokens,
+        loaded.tokenizer.encode(config.sample_prompt),
+        config.sample_tokens,
+        temperature=config.sample_temperature,
+        top_p=config.sample_top_p,
         eos_id=loaded.tokenizer.eos_id,
+        seed=seed,
     )
-    print(f"--- sample ({loaded.folder.name}, greedy) ---")
-    print(prompt + loaded.tokenizer.decode(ids))
+    how = (
+        "greedy"
+        if config.sample_temperature <= 0
+        else f"temperature {config.sample_temperature}, top-p {config.sample_top_p}"
+    )
+    print(f"--- sample ({loaded.folder.name}, {how}) ---")
+    print(config.sample_prompt + loaded.tokenizer.decode(ids))
     print("---")
 
 

@@ -47,6 +47,8 @@ class TrainConfig:
     progress: bool = True
     sample_prompt: str | None = "def "
     sample_tokens: int = 48
+    sample_temperature: float = 0.8  # the end-of-run sample; 0 is greedy
+    sample_top_p: float = 0.95
     spike_sigma: float = 6.0  # skip a step whose loss exceeds mean + k*std of recent ones; 0: off
     spike_window: int = 100
     spike_min_history: int = 20
