@@ -51,7 +51,9 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int = 1) -
     from data_pipeline.tokenizer import Tokenizer
     from model.flops import flops_per_token, param_counts
     from trainer.config import load_job_config
+    from trainer.config_io import ConfigError
     from trainer.deepspeed_config import build_deepspeed_config
+    from trainer.expert_parallel import check_expert_parallel
     from trainer.memory import model_state_memory
     from trainer.trainer import batch_split
 
@@ -63,6 +65,11 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int = 1) -
             else config.tokenizer.vocab_size
         )
     micro, accumulation_steps = batch_split(config, world_size)
+    problem = check_expert_parallel(
+        config.parallel.expert_parallel, config.model.n_experts, world_size
+    )
+    if problem:
+        raise ConfigError(problem)
     precision = (
         config.resolved_precision(cuda=False)
         if config.parallel.precision == "auto"

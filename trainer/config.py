@@ -109,12 +109,6 @@ class ParallelConfig:
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
-        if self.expert_parallel > 1:
-            # Refused rather than ignored: experts would silently stay replicated on every rank.
-            raise ValueError(
-                f"expert_parallel: {self.expert_parallel} is not supported yet (experts are "
-                "replicated and trained data-parallel); use 1"
-            )
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
         for key in ("reduce_bucket_size", "allgather_bucket_size"):

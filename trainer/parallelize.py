@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.transformer import Transformer
 from trainer.config import ParallelConfig
+from trainer.expert_parallel import apply_expert_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def apply_compile(model: Transformer, enabled: bool) -> bool:
 
 def parallelize(model: Transformer, config: ParallelConfig) -> Transformer:
     """Apply every strategy but the ZeRO wrap, in order."""
+    apply_expert_parallel(model, config.expert_parallel)
     apply_activation_checkpointing(model, config.activation_checkpointing, config.checkpoint_every)
     apply_compile(model, config.compile)
     return model

@@ -41,6 +41,7 @@ from trainer.distributed import (
     init_distributed,
     set_collective_timeout,
 )
+from trainer.expert_parallel import check_expert_parallel, update_router_biases
 from trainer.hardware import current_device_peak_flops
 from trainer.health import LossGuard
 from trainer.metrics import MetricsLogger
@@ -177,6 +178,11 @@ class Trainer:
         if env.is_main:
             write_config(config, self.run_dir / "config.yaml")
 
+        problem = check_expert_parallel(
+            config.parallel.expert_parallel, config.model.n_experts, env.world_size
+        )
+        if problem:
+            raise ConfigError(problem)
         self.model = build_model(config.model, self.device, seed=config.run.seed)
         if config.model.init_from:
             load_weights(self.model, config.model.init_from)
@@ -242,6 +248,7 @@ class Trainer:
             self._engine_step(skip=dropped)
             loss_sum += loss.item()
             aux_sum += aux_loss.item()
+        update_router_biases(model)  # aux-loss-free balancing: once per step, global load
         reported = self.engine.get_global_grad_norm()
         if reported is not None:
             grad_norm = float(reported)

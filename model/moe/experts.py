@@ -48,9 +48,9 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with weights (E, out, in), like E stacked `nn.Linear` weights.
 
-    The leading expert dimension is what an expert-parallel step shards (each rank keeps
-    E / ep experts); this module has no notion of ranks. Input rows must be sorted by expert:
-    `tokens_per_expert[e]` consecutive rows for expert e, in expert order.
+    The leading expert dimension is what expert parallelism splits: each rank computes a block
+    of E / ep experts (`first_expert`); this module has no notion of ranks. Input rows must be
+    sorted by expert: `tokens_per_expert[e]` consecutive rows for expert e, in expert order.
     """
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int) -> None:
@@ -61,45 +61,63 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
     def forward(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, grouped: bool | None = None
+        self,
+        x: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        grouped: bool | None = None,
+        first_expert: int = 0,
     ) -> torch.Tensor:
         """Expert outputs (M, dim) for expert-sorted rows x (M, dim).
 
-        `grouped` forces the `torch._grouped_mm` path (True) or the per-expert loop (False);
-        None picks grouped GEMM on CUDA in bf16.
+        `tokens_per_expert` (G,) covers experts first_expert .. first_expert + G - 1 (all E by
+        default; an expert-parallel rank passes its own block). `grouped` forces the
+        `torch._grouped_mm` path (True) or the per-expert loop (False); None picks grouped GEMM
+        on CUDA in bf16.
         """
+        experts = slice(first_expert, first_expert + tokens_per_expert.numel())
+        weights = (self.gate_proj[experts], self.up_proj[experts], self.down_proj[experts])
         if grouped is None:
             grouped = use_grouped_mm(x)
         if grouped:
-            return self._forward_grouped(x, tokens_per_expert)
-        return self._forward_loop(x, tokens_per_expert)
+            return self._forward_grouped(x, tokens_per_expert, *weights)
+        return self._forward_loop(x, tokens_per_expert, *weights)
 
-    def _forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _forward_loop(
+        self,
+        x: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+    ) -> torch.Tensor:
         outputs = []
-        # unbind, not weight[e]: its backward stacks the E gradients once instead of adding E
-        # full-size zero-padded gradients.
-        gates, ups, downs = (
-            self.gate_proj.unbind(0),
-            self.up_proj.unbind(0),
-            self.down_proj.unbind(0),
-        )
+        # unbind, not weight[e]: its backward stacks the gradients once instead of adding one
+        # full-size zero-padded gradient per expert.
+        gates, ups, downs = gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0)
         for rows, gate, up, down in zip(
             x.split(tokens_per_expert.tolist()), gates, ups, downs, strict=True
         ):  # rows (count, dim): contiguous slices of the sorted tokens, no gather
             hidden = F.silu(F.linear(rows, gate)) * F.linear(rows, up)  # (count, hidden)
             outputs.append(F.linear(hidden, down))
         if not outputs:
-            return x.new_zeros(0, self.down_proj.shape[1])
+            return x.new_zeros(0, down_proj.shape[1])
         return torch.cat(outputs)
 
-    def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _forward_grouped(
+        self,
+        x: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+    ) -> torch.Tensor:
         padded, destination = padded_group_layout(tokens_per_expert)
         offsets = grouped_mm_offsets(padded)
         # Zero rows pad each group; they cost a little compute and get no gradient back.
         x_padded = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, destination, x)
         # _grouped_mm: (M, in) x (E, in, out) with row groups -> (M, out)
-        gate = torch._grouped_mm(x_padded, self.gate_proj.transpose(-2, -1), offs=offsets)
-        up = torch._grouped_mm(x_padded, self.up_proj.transpose(-2, -1), offs=offsets)
+        gate = torch._grouped_mm(x_padded, gate_proj.transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(x_padded, up_proj.transpose(-2, -1), offs=offsets)
         hidden = F.silu(gate) * up  # (M_padded, hidden)
-        out = torch._grouped_mm(hidden, self.down_proj.transpose(-2, -1), offs=offsets)
+        out = torch._grouped_mm(hidden, down_proj.transpose(-2, -1), offs=offsets)
         return out[destination]  # (M, dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -12,6 +13,18 @@ from model.feed_forward import FeedForward
 from model.moe.experts import GroupedExperts
 from model.moe.loss import load_balancing_loss, router_z_loss
 from model.moe.router import TopKRouter
+
+
+class ExpertDispatcher(Protocol):
+    """Runs `experts` on expert-sorted rows somewhere else (e.g. on the ranks that own them).
+
+    Called as dispatcher(experts, rows, tokens_per_expert) in place of
+    experts(rows, tokens_per_expert); returns the rows' outputs in the same order.
+    """
+
+    def __call__(
+        self, experts: GroupedExperts, rows: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class MoEFeedForward(nn.Module):
@@ -46,6 +59,9 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None  # (E,) assignments before dropping
         self.dropped_tokens = 0
+        # None computes every expert here; expert parallelism (trainer/expert_parallel.py) sets
+        # a dispatcher that sends rows to the ranks owning their experts and brings outputs back.
+        self.dispatcher: ExpertDispatcher | None = None
 
     def capacity(self, n_tokens: int) -> int | None:
         """Assignments each expert accepts for n_tokens tokens; None when dropless."""
@@ -56,12 +72,10 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, dim)
-        # Activation checkpointing reruns this forward inside backward: it must route the same
-        # way and must not record its loss and load a second time.
+        # Activation checkpointing reruns this forward inside backward: it must not record its
+        # loss and load a second time (the routing is the same: the bias moves between steps).
         recomputing = torch._C._current_graph_task_id() != -1
         record = self.training and not recomputing
-        if record:
-            self.router.update_bias()
         routed = self.router(tokens)
         flat_experts = routed.top_experts.flatten()  # (N*k,) assignment a -> token a // k
         tokens_per_expert = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,)
@@ -77,7 +91,11 @@ class MoEFeedForward(nn.Module):
             order = order[rank_in_expert < capacity]
             kept_per_expert = tokens_per_expert.clamp(max=capacity)
         token_index = order // self.top_k  # (M,) source token of each sorted row
-        expert_out = self.experts(tokens[token_index], kept_per_expert)  # (M, dim)
+        rows = tokens[token_index]  # (M, dim) sorted by expert
+        if self.dispatcher is None:
+            expert_out = self.experts(rows, kept_per_expert)  # (M, dim)
+        else:
+            expert_out = self.dispatcher(self.experts, rows, kept_per_expert)
         weights = routed.top_weights.flatten()[order].unsqueeze(-1)  # (M, 1) fp32
         weighted = (expert_out * weights).to(tokens.dtype)
         out = torch.zeros_like(tokens).index_add_(0, token_index, weighted)  # (N, dim)
@@ -93,12 +111,4 @@ class MoEFeedForward(nn.Module):
             self.dropped_tokens = int(flat_experts.numel() - order.numel())
         if record:
             self.router.record_load(tokens_per_expert)
-        return out.reshape(shape)
-        self.aux_loss = self.aux_loss_coef * load_balancing_loss(
-            routed.probs, routed.top_experts, self.n_experts
-        ) + self.z_loss_coef * router_z_loss(routed.logits)
-        self.tokens_per_expert = tokens_per_expert.detach()
-        self.dropped_tokens = int(flat_experts.numel() - order.numel())
-        if self.training:
-            self.router.update_bias(tokens_per_expert)
         return out.reshape(shape)

@@ -29,9 +29,11 @@ class TopKRouter(nn.Module):
     With `norm_topk_prob` the k chosen scores are renormalised to sum to one. With
     `bias_update_rate > 0` a per-expert bias (a buffer, not a parameter) is added to the scores
     for *selection only* (auxiliary-loss-free balancing, DeepSeek-V3 section 2.1.2); the weights
-    stay unbiased. Training forwards add their load to `expert_load`; the next training forward
-    first moves the bias towards balance with it. Deferring the update keeps the routing of a
-    forward and of its recomputation under activation checkpointing identical.
+    stay unbiased. Training forwards add their load to `expert_load`; the training loop calls
+    `update_bias()` once per optimizer step (after summing the load over data-parallel ranks, so
+    every rank moves its bias identically, by the load of the whole global batch). Keeping the
+    bias fixed inside a step keeps the routing of a forward and of its recomputation under
+    activation checkpointing identical, and makes it independent of the micro-batch split.
     """
 
     def __init__(
