@@ -23,7 +23,7 @@ from model import build_model
 from model.config import ModelConfig
 from model.moe.layer import MoEFeedForward
 from tests.helpers import read_metrics, small_config
-from tests.test_distributed import ROOT, rank_env, run, torchrun
+from tests.test_distributed import BIN, ROOT, rank_env, run, torchrun
 from trainer.expert_parallel import (
     AllToAllDispatcher,
     apply_expert_parallel,
@@ -211,7 +211,10 @@ def test_tiny_moe_on_two_ranks_matches_one_rank(
     reference_dir, expected = moe_reference
     name = f"zero{stage}-ep{ep}"
     config = moe_run_config(tmp_path, corpus, name, zero_stage=stage, expert_parallel=ep)
-    torchrun(config, nproc=2)
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "launch.cli"]
+    result = run([*launcher, "train", str(config)])
+    dispatch = "MoE layers dispatch tokens all-to-all over groups of 2 ranks"
+    assert (dispatch in result.stderr + result.stdout) == (ep == 2)
     assert moe_losses(tmp_path / name) == pytest.approx(expected, rel=1e-5)
     final = f"checkpoints/step_{STEPS:08d}/model.safetensors"
     ours, theirs = load_file(tmp_path / name / final), load_file(reference_dir / final)

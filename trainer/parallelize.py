@@ -54,7 +54,17 @@ def apply_compile(model: Transformer, enabled: bool) -> bool:
 
 def parallelize(model: Transformer, config: ParallelConfig) -> Transformer:
     """Apply every strategy but the ZeRO wrap, in order."""
-    apply_expert_parallel(model, config.expert_parallel)
+    moe_layers = apply_expert_parallel(model, config.expert_parallel)
+    if moe_layers:
+        n_experts = model.config.n_experts
+        logger.info(
+            "expert parallel: %d MoE layers dispatch tokens all-to-all over groups of %d ranks "
+            "(%d of %d experts computed per rank)",
+            moe_layers,
+            config.expert_parallel,
+            n_experts // config.expert_parallel,
+            n_experts,
+        )
     apply_activation_checkpointing(model, config.activation_checkpointing, config.checkpoint_every)
     apply_compile(model, config.compile)
     return model
