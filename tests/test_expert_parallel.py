@@ -225,7 +225,6 @@ def test_tiny_moe_on_two_ranks_matches_one_rank(
         assert difference <= 1e-5, key
 
 
-@pytest.mark.slow
 def test_four_ranks_expert_parallel_two_with_expert_data_parallel(
     tmp_path: Path, corpus: Path, moe_reference: tuple[Path, list[float]]
 ) -> None:
