@@ -271,3 +271,34 @@ def test_bad_expert_parallel_setups_fail_with_one_line(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_expert_parallel_resume_is_bit_exact(tmp_path: Path, corpus: Path) -> None:
+    """2 ranks, expert_parallel 2, ZeRO-1: 8 steps straight == 4, a crash after step 6, and a
+    resume from step 4 (weights, optimizer, routing biases and data position)."""
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "launch.cli"]
+    straight = moe_run_config(tmp_path, corpus, "straight", zero_stage=1, expert_parallel=2)
+    run([*launcher, "train", str(straight)])
+    crashed = moe_run_config(tmp_path, corpus, "crashed", zero_stage=1, expert_parallel=2)
+    raw = yaml.safe_load(crashed.read_text())
+    raw["checkpoint"]["every"] = 4
+    crashed.write_text(yaml.safe_dump(raw))
+    failed = subprocess.run(
+        [*launcher, "train", str(crashed), "--fail-at-step", "6"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=rank_env(),
+        timeout=420,
+    )
+    assert failed.returncode != 0
+    assert (tmp_path / "crashed/checkpoints/latest").read_text().strip() == "step_00000004"
+    run([*launcher, "train", str(crashed)])
+    expected, resumed = (
+        read_metrics(tmp_path / "straight")[0],
+        read_metrics(tmp_path / "crashed")[0],
+    )
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in expected]
