@@ -24,6 +24,8 @@ from model.config import ModelConfig
 from model.moe.layer import MoEFeedForward
 from tests.helpers import read_metrics, small_config
 from tests.test_distributed import BIN, ROOT, rank_env, run, torchrun
+from tests.test_moe import moe_config
+from tests.test_moe_training import MOE_MODEL as TINY_MOE
 from trainer.expert_parallel import (
     AllToAllDispatcher,
     apply_expert_parallel,
@@ -35,19 +37,7 @@ STEPS = 8
 
 
 def layer_config(**overrides: object) -> ModelConfig:
-    fields: dict[str, object] = {
-        "vocab_size": 97,
-        "dim": 32,
-        "n_layers": 1,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "max_seq_len": 64,
-        "n_experts": 4,
-        "top_k": 2,
-        "moe_ffn_hidden_dim": 48,
-    }
-    fields.update(overrides)
-    return ModelConfig(**fields)  # type: ignore[arg-type]
+    return moe_config(**{"n_layers": 1, **overrides})
 
 
 def _moe(config: ModelConfig) -> MoEFeedForward:
@@ -146,15 +136,7 @@ def test_router_bias_moves_by_the_summed_load_once_per_step() -> None:
 
 
 MOE_MODEL = {
-    "preset": "tiny-moe",
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "max_seq_len": 128,
-    "n_experts": 4,
-    "top_k": 2,
-    "moe_ffn_hidden_dim": 64,
+    **TINY_MOE,
     "capacity_factor": 1.25,  # per-forward capacity: equal when the micro-batch is
     "aux_free_bias_update_rate": 0.01,  # global load, once per step
 }
