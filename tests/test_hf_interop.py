@@ -226,9 +226,13 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(
 
     out = tmp_path / "export"
     assert main(["export", str(trained_run), "--format", "hf", "--out", str(out)]) == 0
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.model"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer.json",  # converted from tokenizer.model, exact on our probes
+    } <= {p.name for p in out.iterdir()}
     loaded = load_checkpoint_model(trained_run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"

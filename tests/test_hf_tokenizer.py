@@ -227,7 +227,7 @@ def test_import_finetune_generate_and_export_with_tokenizer_json(
 ) -> None:
     """The whole path of a Llama-3-style release: import keeps its tokenizer; `scaletrain train`
     with model.init_from: hf:DIR tokenizes the data with it (its EOS between documents);
-    generate decodes; export writes a tokenizer.json that AutoTokenizer reads with our ids."""
+    generate decodes, eval reads; export writes a tokenizer.json that AutoTokenizer reads with our ids."""
     from launch.cli import main
     from launch.environment import detect_environment
     from tests.test_training import train_in_subprocess
@@ -284,6 +284,10 @@ def test_import_finetune_generate_and_export_with_tokenizer_json(
     assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(prompt) and len(printed) > len(prompt)
+    data = str(corpus / "validation.jsonl")
+    assert main(["eval", str(run_dir), "--data", data, "--max-sequences", "4"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert math.isfinite(evaluated["eval_loss"]) and evaluated["tokens"] == 4 * 64
 
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
