@@ -316,8 +316,12 @@ def test_qwen2_style_import_export_round_trip(tmp_path: Path) -> None:
 
     hf_dir = tmp_path / "hf"
     save_hf_folder("qwen2", hf_dir)
+    config_path = hf_dir / "tokenizer_config.json"
+    custom = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "auto_map": custom}))
     imported = import_hf(hf_dir, tmp_path / "imported")
     out = export_checkpoint(imported, tmp_path / "export")
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
     ours = Tokenizer.load(imported)
     exported = transformers.AutoTokenizer.from_pretrained(out)
     assert_same_ids(ours, exported)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from data_pipeline.tokenizer import (
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
+    HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
 )
@@ -170,7 +171,9 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_seq_len: int) -> 
             "add_prefix_space": False,
         }
     else:
-        config = getattr(tokenizer, "config", {})
+        assert isinstance(tokenizer, HFTokenizer)
+        # auto_map would send AutoTokenizer to a release's custom code; the file needs none.
+        config = {k: v for k, v in tokenizer.config.items() if k != "auto_map"}
         tokenizer_config = {
             **config,
             "tokenizer_class": "PreTrainedTokenizerFast",
