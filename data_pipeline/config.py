@@ -114,7 +114,8 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Load a sentencepiece model from `path`, or train one on `data.train` when it is None."""
+    """Load `path` (tokenizer.model, tokenizer.json or a folder with one), or train a
+    sentencepiece model on `data.train` when it is None."""
 
     path: str | None = None
     vocab_size: int = 4096

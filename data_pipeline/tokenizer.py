@@ -1,25 +1,136 @@
-"""A sentencepiece tokenizer: train (BPE, byte fallback), load, save, encode and decode."""
+"""Tokenizers: sentencepiece (`tokenizer.model`) or Hugging Face `tokenizers` (`tokenizer.json`).
+
+Both backends give the same interface (`Tokenizer`): encode without special tokens, decode,
+vocabulary size, special ids (-1 for "none"), a SHA-256 fingerprint and save-to-folder.
+`Tokenizer.load` picks the backend from the files present. We train sentencepiece models
+(BPE, byte fallback); `tokenizer.json` comes with released weights (Llama-3, Qwen2/3).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # sentencepiece
+TOKENIZER_JSON = "tokenizer.json"  # Hugging Face `tokenizers`
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Where released folders keep special ids when tokenizer_config.json does not name the token.
+_ID_SIDECARS = ("generation_config.json", "config.json")
+SPECIAL_NAMES = ("bos", "eos", "pad", "unk")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-class Tokenizer:
+class Tokenizer(ABC):
+    """What every consumer uses: encode/decode, vocabulary size, special ids, hash, save."""
+
+    kind: str  # "sentencepiece" or "tokenizers"
+    source: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load `path`: a folder (tokenizer.model preferred, else tokenizer.json), a `.model`
+        file, or a `tokenizer.json` (special tokens from the JSON files beside it)."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / TOKENIZER_FILE).is_file():
+                return SentencePieceTokenizer.from_file(path / TOKENIZER_FILE)
+            if (path / TOKENIZER_JSON).is_file():
+                return HFTokenizer.from_file(path / TOKENIZER_JSON)
+            raise DataError(
+                f"{path}: tokenizer model not found ({TOKENIZER_FILE} or {TOKENIZER_JSON})"
+            )
+        if not path.is_file():
+            raise DataError(f"{path}: tokenizer model not found")
+        if path.suffix == ".json":
+            return HFTokenizer.from_file(path)
+        return SentencePieceTokenizer.from_file(path)
+
+    @staticmethod
+    def found_in(folder: str | os.PathLike[str]) -> bool:
+        """Whether `folder` holds a tokenizer `load` can read."""
+        return any((Path(folder) / name).is_file() for name in (TOKENIZER_FILE, TOKENIZER_JSON))
+
+    @staticmethod
+    def from_files(files: Mapping[str, bytes], source: str = "<memory>") -> Tokenizer:
+        """Rebuild a tokenizer from what `files()` returned (e.g. in a worker process)."""
+        if TOKENIZER_FILE in files:
+            return SentencePieceTokenizer(files[TOKENIZER_FILE], source)
+        config = json.loads(files[TOKENIZER_CONFIG]) if TOKENIZER_CONFIG in files else {}
+        return HFTokenizer(files[TOKENIZER_JSON], config, {}, source)
+
+    @abstractmethod
+    def files(self) -> dict[str, bytes]:
+        """File name -> contents: everything `save` writes and `from_files` needs."""
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the tokenizer's files into `directory`; return the path `load` takes."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in self.files().items():
+            (folder / name).write_bytes(content)
+        return folder / self.main_file
+
+    @property
+    @abstractmethod
+    def main_file(self) -> str:
+        """The file that holds the model (tokenizer.model or tokenizer.json)."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """One more than the largest id the tokenizer can produce."""
+
+    @property
+    @abstractmethod
+    def bos_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def pad_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def unk_id(self) -> int: ...
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the model file (what shards and checkpoints are fingerprinted with)."""
+        return hashlib.sha256(self.files()[self.main_file]).hexdigest()
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, no BOS/EOS added."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id` (a piece, a byte-level token, a special token)."""
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A loaded sentencepiece model with its special ids."""
+
+    kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes, source: str = "<memory>") -> None:
         self.processor = spm.SentencePieceProcessor()
@@ -31,21 +142,15 @@ class Tokenizer:
         self.source = source
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load `path`, a `.model` file or a folder holding `tokenizer.model`."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
-        if not path.is_file():
-            raise DataError(f"{path}: tokenizer model not found")
+    def from_file(cls, path: Path) -> SentencePieceTokenizer:
         return cls(path.read_bytes(), source=str(path))
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write `tokenizer.model` into `directory`; return its path."""
-        target = Path(directory) / TOKENIZER_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(self.model_proto)
-        return target
+    def files(self) -> dict[str, bytes]:
+        return {TOKENIZER_FILE: self.model_proto}
+
+    @property
+    def main_file(self) -> str:
+        return TOKENIZER_FILE
 
     @property
     def vocab_size(self) -> int:
@@ -64,8 +169,8 @@ class Tokenizer:
         return int(self.processor.pad_id())
 
     @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.model_proto).hexdigest()
+    def unk_id(self) -> int:
+        return int(self.processor.unk_id())
 
     def encode(self, text: str) -> list[int]:
         return list(self.processor.EncodeAsIds(text))
@@ -75,6 +180,141 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self.processor.DecodeIds(list(ids)))
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(self.processor.IdToPiece(token_id))
+
+
+def _token_content(value: Any) -> str | None:
+    """A tokenizer_config.json special token: a string, or an AddedToken dict with `content`."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _first_id(value: Any) -> int | None:
+    """A `*_token_id` entry: an int, or a list of them (the first is the main one)."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json, with special tokens resolved once.
+
+    Each special id comes from tokenizer_config.json's `<name>_token` when it names one, else
+    from `<name>_token_id` in generation_config.json or config.json (`fallback_ids`), else -1.
+    `files()` writes the resolved tokens back into tokenizer_config.json, so a copy without
+    those sidecars (a checkpoint, a worker) gets the same ids.
+    """
+
+    kind = "tokenizers"
+
+    def __init__(
+        self,
+        tokenizer_json: bytes,
+        config: dict[str, Any],
+        fallback_ids: Mapping[str, int],
+        source: str = "<memory>",
+    ) -> None:
+        from tokenizers import Tokenizer as Backend  # only this backend needs it
+
+        try:
+            self.backend = Backend.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"{source}: not a tokenizers tokenizer.json ({exc})") from None
+        self.tokenizer_json = tokenizer_json
+        self.source = source
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values(), default=-1) + 1
+        self.config = dict(config)
+        self._special: dict[str, int] = {}
+        for name in SPECIAL_NAMES:
+            token = _token_content(config.get(f"{name}_token"))
+            if token is not None:
+                token_id = vocab.get(token)
+                if token_id is None:
+                    raise DataError(
+                        f"{source}: {TOKENIZER_CONFIG} {name}_token {token!r} is not in the vocabulary"
+                    )
+            else:
+                token_id = fallback_ids.get(name, -1)
+                if not 0 <= token_id < self._vocab_size:
+                    token_id = -1  # e.g. an id of the model's padded vocabulary, not a token
+            self._special[name] = token_id
+            if token_id >= 0:
+                self.config[f"{name}_token"] = self.backend.id_to_token(token_id)
+
+    @classmethod
+    def from_file(cls, path: Path) -> HFTokenizer:
+        """Load `path` (a tokenizer.json) with the JSON files beside it."""
+        folder = path.parent
+        config = _read_json(folder / TOKENIZER_CONFIG)
+        fallback: dict[str, int] = {}
+        for sidecar in _ID_SIDECARS:
+            values = _read_json(folder / sidecar)
+            for name in SPECIAL_NAMES:
+                token_id = _first_id(values.get(f"{name}_token_id"))
+                if token_id is not None:
+                    fallback.setdefault(name, token_id)
+        return cls(path.read_bytes(), config, fallback, source=str(path))
+
+    def files(self) -> dict[str, bytes]:
+        config = json.dumps(self.config, indent=2, ensure_ascii=False) + "\n"
+        return {TOKENIZER_JSON: self.tokenizer_json, TOKENIZER_CONFIG: config.encode("utf-8")}
+
+    @property
+    def main_file(self) -> str:
+        return TOKENIZER_JSON
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._special["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self._special["pad"]
+
+    @property
+    def unk_id(self) -> int:
+        return self._special["unk"]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [list(encoding.ids) for encoding in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=False))
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            raise DataError(f"{self.source}: no token with id {token_id}")
+        return str(token)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
 
 
 def _sentences(texts: Iterable[str], max_sentences: int, max_length: int) -> Iterator[str]:
@@ -126,7 +366,7 @@ def train_tokenizer(
         )
     except RuntimeError as exc:
         raise DataError(f"tokenizer training failed: {str(exc).strip().splitlines()[-1]}") from None
-    return Tokenizer(model.getvalue())
+    return SentencePieceTokenizer(model.getvalue())
 
 
 def train_tokenizer_on_sources(config: TokenizerConfig, data: DataConfig) -> Tokenizer:
@@ -150,11 +390,3 @@ def train_tokenizer_on_sources(config: TokenizerConfig, data: DataConfig) -> Tok
         config.train_max_sentences,
         config.train_max_sentence_length,
     )
-
-
-def copy_tokenizer(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
-    """Copy a tokenizer file into `directory` (as tokenizer.model)."""
-    target = Path(directory) / TOKENIZER_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return target

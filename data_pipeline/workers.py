@@ -63,10 +63,10 @@ class WorkerJob:
 
 
 def _worker_main(
-    job: WorkerJob, reader: Reader, model_proto: bytes, out: mp.queues.Queue[Any]
+    job: WorkerJob, reader: Reader, tokenizer_files: dict[str, bytes], out: mp.queues.Queue[Any]
 ) -> None:
     try:
-        tokenizer = Tokenizer(model_proto)
+        tokenizer = Tokenizer.from_files(tokenizer_files)
         skips = _RecordingSkips()
         batch: list[Outcome] = []
         pending_texts: list[int] = []
@@ -123,7 +123,7 @@ class WorkerPool:
         self.processes = [
             context.Process(
                 target=_worker_main,
-                args=(job, Reader(w, num_workers), tokenizer.model_proto, self.queues[w]),
+                args=(job, Reader(w, num_workers), tokenizer.files(), self.queues[w]),
                 daemon=True,
             )
             for w in range(num_workers)

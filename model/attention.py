@@ -16,6 +16,17 @@ from model.norm import RMSNorm
 from model.rope import apply_rope
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+# SDPA reads shared key/value heads in place with `enable_gqa` (torch >= 2.5), but only its
+# flash and math kernels accept it; with an explicit mask (which rules flash out) k/v are
+# expanded instead, so the memory-efficient kernel stays available on CUDA.
+SDPA_ENABLE_GQA = _torch_at_least(2, 5)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with n_kv_heads <= n_heads shared key/value heads (GQA/MQA).
 
@@ -64,10 +75,14 @@ class Attention(nn.Module):
 
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, start_pos, k, v)  # (B, KVH, S, D), S = start_pos + T
+        gqa: dict[str, bool] = {}
         if self.n_kv_heads != self.n_heads:
-            repeats = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            if SDPA_ENABLE_GQA and mask is None:
+                gqa["enable_gqa"] = True  # SDPA maps each group of query heads to its k/v head
+            else:
+                repeats = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, D)
+                v = v.repeat_interleave(repeats, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

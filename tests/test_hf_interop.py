@@ -226,9 +226,13 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(
 
     out = tmp_path / "export"
     assert main(["export", str(trained_run), "--format", "hf", "--out", str(out)]) == 0
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.model"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer.json",  # converted from tokenizer.model, exact on our probes
+    } <= {p.name for p in out.iterdir()}
     loaded = load_checkpoint_model(trained_run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"
@@ -272,16 +276,17 @@ def test_import_writes_a_checkpoint_that_matches_the_hf_model(
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_import_without_sentencepiece_keeps_tokenizer_json(tmp_path: Path) -> None:
+def test_import_keeps_weights_and_refuses_a_broken_tokenizer_json(tmp_path: Path) -> None:
+    """Weights of a tokenizer.json-only folder import exactly (the tokenizer itself is tested in
+    test_hf_tokenizer.py); an unreadable tokenizer.json is refused in one line, before writing."""
+    from launch.cli import main
     from trainer.config import load_job_config
     from trainer.hf_checkpoint import import_hf
 
     hf_dir = tmp_path / "hf"
     theirs = hf_model("qwen2-bias")
     theirs.save_pretrained(hf_dir)
-    (hf_dir / "tokenizer.json").write_text("{}")
-    out = import_hf(hf_dir, tmp_path / "ckpt")
-    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
+    out = import_hf(hf_dir, tmp_path / "ckpt")  # no tokenizer files: weights only
     config = load_job_config(out / "config.yaml")
     assert config.tokenizer.path is None and config.model.attention_bias
     from safetensors.torch import load_file
@@ -290,6 +295,10 @@ def test_import_without_sentencepiece_keeps_tokenizer_json(tmp_path: Path) -> No
     batch = tokens(seed=9)
     with torch.no_grad():
         torch.testing.assert_close(ours(batch), theirs(batch).logits, atol=1e-5, rtol=1e-5)
+
+    (hf_dir / "tokenizer.json").write_text("{}")
+    assert main(["import", str(hf_dir), "--out", str(tmp_path / "ckpt2")]) == 2
+    assert not (tmp_path / "ckpt2").exists()
 
 
 def load_model_from_state(config: Any, state: dict[str, torch.Tensor]) -> Any:

@@ -35,6 +35,24 @@ def test_changing_a_future_token_never_changes_an_earlier_logit(kv_heads: int) -
     assert not torch.allclose(before[:, 20:], after[:, 20:])
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_sdpa_enable_gqa_matches_expanded_kv_heads(
+    kv_heads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDPA's own GQA (no k/v copies) computes what repeat_interleave'd heads compute."""
+    from model import attention
+
+    if not attention.SDPA_ENABLE_GQA:
+        pytest.skip("torch < 2.5 has no enable_gqa")
+    model = build_model(small(n_kv_heads=kv_heads), seed=3).double().eval()
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        native = model(tokens)
+        monkeypatch.setattr(attention, "SDPA_ENABLE_GQA", False)
+        expanded = model(tokens)
+    torch.testing.assert_close(native, expanded, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_kv_cache_decoding_matches_full_forward(tied: bool) -> None:
     model = build_model(small(tie_embeddings=tied, qk_norm=True), seed=1).eval()

@@ -7,7 +7,7 @@ Layout of one checkpoint (see INTERFACE.md):
         trainer_state.json    step, tokens, data position, counters
         rng/rank_NNNNN.pt     Python, NumPy and torch RNG states of each rank
         config.yaml           the resolved job config
-        tokenizer.model       the tokenizer
+        tokenizer.model       the tokenizer (or tokenizer.json + tokenizer_config.json)
         manifest.json         SHA-256 and size of every file above
 
 A save is written into `.tmp-step_N/`, fsynced, verified, then renamed into place; `latest` is

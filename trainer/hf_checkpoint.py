@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer
+from data_pipeline.tokenizer import (
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+)
 from model.config import ModelConfig
 from model.hf import DEFAULT_MAX_SHARD_BYTES, HFFolder, family_for, write_hf_weights
 from model.hf.weights import iter_converted, load_hf_into_model
@@ -29,8 +36,19 @@ from trainer.config_io import ConfigError
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# Texts on which a converted tokenizer must give our ids and our decoding, besides every
+# vocabulary entry: code, runs of spaces/tabs/newlines, unicode, emoji, digits.
+_PROBE_TEXTS = (
+    "def merge_node(size, index):\n    total = size + 42\n\treturn total  # done\n",
+    "  leading, trailing and   inner   spaces  ",
+    "\n\n  \n\t\t\r\nx\n",
+    "unicode: naïve café Straße 日本語 한국어 русский 🙂🚀 — “quotes” ½",
+    "numbers 0 7 42 1234567890 3.14159 -1e-5 0xFF",
+    "{\"key\": [1, 2, 3], 'k': None}; a->b && c || !d",
+    " x",
+    "x ",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that decide the numbers a model computes; init_from must agree on all of them.
 _SHAPE_FIELDS = (
@@ -63,8 +81,7 @@ def export_checkpoint(
     """Write a verified scaletrain checkpoint as an HF folder; return the folder.
 
     The folder holds config.json, (sharded) safetensors, generation_config.json and the
-    tokenizer: tokenizer.model plus a tokenizer_config.json naming LlamaTokenizer with our
-    bos/eos/pad pieces. `dtype` None keeps the checkpoint's own.
+    tokenizer: see `write_tokenizer_files`. `dtype` None keeps the checkpoint's own.
     """
     from trainer.inference import resolve_checkpoint  # data loaders are not needed otherwise
 
@@ -120,34 +137,120 @@ def _optional_id(token_id: int) -> int | None:
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_seq_len: int) -> None:
-    """tokenizer.model plus the JSON that lets AutoTokenizer build a LlamaTokenizer from it.
+    """The tokenizer files that `AutoTokenizer.from_pretrained(out)` loads with our ids.
 
-    Our encode adds no BOS/EOS, so neither does the HF tokenizer. No tokenizer.json is
-    written: producing one needs the `tokenizers` converters, which are not a runtime
-    dependency; `transformers` converts tokenizer.model itself when loading.
+    A `tokenizers` tokenizer is copied as tokenizer.json with PreTrainedTokenizerFast: the
+    generic class loads the file as written, where transformers 5's model-specific classes
+    rebuild the pipeline from its vocab and merges. A sentencepiece model is written as
+    tokenizer.model for LlamaTokenizer, plus a tokenizer.json converted from it when the
+    conversion gives our ids on every probe (see `_write_converted_tokenizer_json`).
+    Our encode adds no BOS/EOS, so neither does the HF tokenizer.
     """
-    tokenizer.save(out)
-    piece = tokenizer.processor.IdToPiece
     special = {
-        "bos_token": piece(tokenizer.bos_id),
-        "eos_token": piece(tokenizer.eos_id),
-        "unk_token": piece(tokenizer.processor.unk_id()),
+        f"{name}_token": tokenizer.id_to_token(token_id)
+        for name, token_id in (
+            ("bos", tokenizer.bos_id),
+            ("eos", tokenizer.eos_id),
+            ("unk", tokenizer.unk_id),
+            ("pad", tokenizer.pad_id),
+        )
+        if token_id >= 0
     }
-    if tokenizer.pad_id >= 0:
-        special["pad_token"] = piece(tokenizer.pad_id)
-    tokenizer_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        **special,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "model_max_length": max_seq_len,
-        "clean_up_tokenization_spaces": False,
-        "legacy": False,
-        # Our sentencepiece model is trained with add_dummy_prefix=False.
-        "add_prefix_space": False,
-    }
-    (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    tokenizer.save(out)
+    tokenizer_config: dict[str, Any]
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        tokenizer_config = {
+            "tokenizer_class": "LlamaTokenizer",
+            **special,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "model_max_length": max_seq_len,
+            "clean_up_tokenization_spaces": False,
+            "legacy": False,
+            # Our sentencepiece model is trained with add_dummy_prefix=False.
+            "add_prefix_space": False,
+        }
+    else:
+        assert isinstance(tokenizer, HFTokenizer)
+        # auto_map would send AutoTokenizer to a release's custom code; the file needs none.
+        config = {k: v for k, v in tokenizer.config.items() if k != "auto_map"}
+        tokenizer_config = {
+            **config,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "model_max_length": max_seq_len,
+            "clean_up_tokenization_spaces": config.get("clean_up_tokenization_spaces", False),
+        }
+    (out / TOKENIZER_CONFIG).write_text(
+        json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"
+    )
+    (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        _write_converted_tokenizer_json(tokenizer, out)
+
+
+def _write_converted_tokenizer_json(tokenizer: Tokenizer, out: Path) -> None:
+    """tokenizer.json from out/tokenizer.model through transformers' sentencepiece converter.
+
+    Kept only if both the converted tokenizer and what AutoTokenizer then loads from `out` give
+    our ids and our decoding on the probe texts and on every vocabulary entry; otherwise no
+    tokenizer.json is written (transformers still converts tokenizer.model when loading) and
+    one log line says why.
+    """
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        logger.info("no tokenizer.json written: transformers (the converter) is not installed")
+        return
+    try:
+        converted = AutoTokenizer.from_pretrained(out).backend_tokenizer
+    except Exception as exc:  # a converter failure must not fail the export
+        logger.warning("no tokenizer.json written: converting tokenizer.model failed (%s)", exc)
+        return
+    texts = _probe_texts(tokenizer)
+    mismatch = _first_mismatch(
+        tokenizer,
+        texts,
+        lambda text: converted.encode(text, add_special_tokens=False).ids,
+        lambda ids: converted.decode(ids, skip_special_tokens=False),
+    )
+    if mismatch is None:
+        converted.save(str(out / TOKENIZER_JSON))
+        reloaded = AutoTokenizer.from_pretrained(out)
+        mismatch = _first_mismatch(
+            tokenizer,
+            texts,
+            lambda text: reloaded(text, add_special_tokens=False)["input_ids"],
+            lambda ids: str(reloaded.decode(ids, skip_special_tokens=False)),
+        )
+    if mismatch is not None:
+        (out / TOKENIZER_JSON).unlink(missing_ok=True)
+        logger.warning(
+            "no tokenizer.json written: the converted tokenizer differs from tokenizer.model on "
+            "%r (AutoTokenizer converts tokenizer.model itself)",
+            mismatch[:60],
+        )
+
+
+def _probe_texts(tokenizer: Tokenizer) -> list[str]:
+    """The fixed probes plus every vocabulary entry's text, alone-ish and run together."""
+    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id}
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size) if i not in special]
+    return [*_PROBE_TEXTS, " ".join(pieces), "".join(pieces), "\n".join(pieces)]
+
+
+def _first_mismatch(
+    tokenizer: Tokenizer,
+    texts: list[str],
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+) -> str | None:
+    """The first text whose ids or decoding differ between `tokenizer` and encode/decode."""
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if list(encode(text)) != ids or decode(ids) != tokenizer.decode(ids):
+            return text
+    return None
 
 
 # ---------------------------------------------------------------------------- import
@@ -160,6 +263,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """
     source = HFFolder(hf_dir)
     model_config = source.model_config()
+    # Loaded first, so an unreadable tokenizer is refused before anything is written.
+    tokenizer = Tokenizer.load(source.folder) if Tokenizer.found_in(source.folder) else None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ckpt.CheckpointError(f"{out}: exists and is not empty")
@@ -171,8 +276,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     weights = dict(iter_converted(source, model_config))
     save_file(weights, tmp / "model.safetensors", {"format": "pt"})
     del weights
-    tokenizer_note = _copy_tokenizer(source.folder, tmp)
-    job = _job_config_for(model_config, out, tokenizer_note)
+    _copy_tokenizer(source.folder, tokenizer, tmp)
+    job = _job_config_for(model_config, out, tokenizer)
     write_config(job, tmp / "config.yaml")
     state = {
         "step": 0,
@@ -187,8 +292,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         "architecture": source.family.architecture,
         "versions": {"torch": torch.__version__},
     }
-    if (tmp / TOKENIZER_FILE).is_file():
-        extra["tokenizer_sha256"] = Tokenizer.load(tmp).sha256
+    if tokenizer is not None:
+        extra["tokenizer_sha256"] = tokenizer.sha256
     ckpt.write_manifest(tmp, extra)
     if out.exists():
         out.rmdir()
@@ -197,35 +302,39 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _copy_tokenizer(hf_dir: Path, out: Path) -> str:
-    """Copy the tokenizer files; say which kind was found."""
-    for name in (TOKENIZER_CONFIG, "special_tokens_map.json"):
+def _copy_tokenizer(hf_dir: Path, tokenizer: Tokenizer | None, out: Path) -> None:
+    """Save the folder's tokenizer (tokenizer.model, else tokenizer.json) into `out`.
+
+    A tokenizer.json is saved with its special tokens resolved (tokenizer_config.json, else
+    generation_config.json / config.json ids), so the checkpoint needs no other file.
+    """
+    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out / name)
-    if (hf_dir / TOKENIZER_FILE).is_file():
-        Tokenizer.load(hf_dir)  # refuse a file sentencepiece cannot read, now, not at train time
-        shutil.copy2(hf_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
-        return "sentencepiece"
-    if (hf_dir / TOKENIZER_JSON).is_file():
-        shutil.copy2(hf_dir / TOKENIZER_JSON, out / TOKENIZER_JSON)
-        logger.warning(
-            "%s has only tokenizer.json (a `tokenizers` BPE, e.g. Llama-3/Qwen): copied, but "
-            "scaletrain reads sentencepiece models only, so generate/eval/train need "
-            "tokenizer.path set to a compatible tokenizer.model",
-            hf_dir,
-        )
-        return "tokenizer.json"
-    logger.warning("%s has no tokenizer files; weights only", hf_dir)
-    return "none"
+    if tokenizer is None:
+        logger.warning("%s has no tokenizer files; weights only", hf_dir)
+        return
+    tokenizer.save(out)
+    logger.info(
+        "tokenizer: %s (%s, %d ids, bos=%d eos=%d pad=%d)",
+        tokenizer.main_file,
+        tokenizer.kind,
+        tokenizer.vocab_size,
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+    )
 
 
-def _job_config_for(model_config: ModelConfig, folder: Path, tokenizer_kind: str) -> JobConfig:
+def _job_config_for(
+    model_config: ModelConfig, folder: Path, tokenizer: Tokenizer | None
+) -> JobConfig:
     """A complete job config around the imported model; `folder` is the final checkpoint."""
     job = JobConfig()
     job.model = model_config
-    if tokenizer_kind == "sentencepiece":
+    if tokenizer is not None:
         # The checkpoint's own copy, so the config keeps working wherever HF_DIR goes.
-        job.tokenizer.path = str(folder.resolve() / TOKENIZER_FILE)
+        job.tokenizer.path = str(folder.resolve() / tokenizer.main_file)
     # The default data.seq_len may exceed a small model's context; keep the config loadable.
     job.data.seq_len = min(job.data.seq_len, model_config.max_seq_len)
     job.train.global_batch_tokens = job.data.seq_len * max(

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data_pipeline.errors import DataError
 from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences, document_segments
 from data_pipeline.sources import SkipCounter
-from data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer_on_sources
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
 from model import build_model
 from model.flops import flops_per_token
 from model.transformer import Transformer
@@ -66,17 +66,21 @@ def derive_micro_batch_size(per_rank_seqs: int, cap: int) -> int:
 
 
 def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokenizer:
-    """The run's tokenizer: reuse the run's copy, load `tokenizer.path`, or train one on rank 0."""
-    target = run_dir / "tokenizer" / TOKENIZER_FILE
-    if env.is_main and not target.is_file():
+    """The run's tokenizer: reuse the run's copy, load `tokenizer.path`, the prepared shards' or
+    the `model.init_from` folder's (released weights need their own ids), or train one on rank 0."""
+    target = run_dir / "tokenizer"
+    init_dir = Path(config.model.init_from.removeprefix("hf:")) if config.model.init_from else None
+    if env.is_main and not Tokenizer.found_in(target):
         if config.tokenizer.path:
             tokenizer = Tokenizer.load(config.tokenizer.path)
         elif config.data.prepared:  # shards are tokenized already: use their tokenizer
-            tokenizer = Tokenizer.load(Path(config.data.prepared) / TOKENIZER_FILE)
+            tokenizer = Tokenizer.load(config.data.prepared)
+        elif init_dir is not None and Tokenizer.found_in(init_dir):
+            tokenizer = Tokenizer.load(init_dir)
         else:
             logger.info("training a %d-piece tokenizer on data.train", config.tokenizer.vocab_size)
             tokenizer = train_tokenizer_on_sources(config.tokenizer, config.data)
-        tokenizer.save(target.parent)
+        tokenizer.save(target)
     barrier()
     return Tokenizer.load(target)
 
