@@ -26,7 +26,8 @@ TOKENIZER_FILE = "tokenizer.model"  # sentencepiece
 TOKENIZER_JSON = "tokenizer.json"  # Hugging Face `tokenizers`
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Where released folders keep special ids when tokenizer_config.json does not name the token.
-_ID_SIDECARS = ("generation_config.json", "config.json")
+GENERATION_CONFIG = "generation_config.json"
+_ID_SIDECARS = (GENERATION_CONFIG, "config.json")
 SPECIAL_NAMES = ("bos", "eos", "pad", "unk")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -67,7 +68,9 @@ class Tokenizer(ABC):
         if TOKENIZER_FILE in files:
             return SentencePieceTokenizer(files[TOKENIZER_FILE], source)
         config = json.loads(files[TOKENIZER_CONFIG]) if TOKENIZER_CONFIG in files else {}
-        return HFTokenizer(files[TOKENIZER_JSON], config, {}, source)
+        generation = json.loads(files[GENERATION_CONFIG]) if GENERATION_CONFIG in files else {}
+        stop = _all_ids(generation.get("eos_token_id"))
+        return HFTokenizer(files[TOKENIZER_JSON], config, {}, source, stop_ids=stop)
 
     @abstractmethod
     def files(self) -> dict[str, bytes]:
@@ -102,6 +105,12 @@ class Tokenizer(ABC):
     @property
     @abstractmethod
     def pad_id(self) -> int: ...
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generation: EOS, plus a release's other end tokens (Llama-3's
+        <|eot_id|>) listed in its generation_config.json."""
+        return [self.eos_id] if self.eos_id >= 0 else []
 
     @property
     @abstractmethod
@@ -199,6 +208,12 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _all_ids(value: Any) -> list[int]:
+    """Every id of an `eos_token_id` entry (an int or a list of them)."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer.json, with special tokens resolved once.
 
@@ -216,6 +231,7 @@ class HFTokenizer(Tokenizer):
         config: dict[str, Any],
         fallback_ids: Mapping[str, int],
         source: str = "<memory>",
+        stop_ids: Iterable[int] = (),
     ) -> None:
         from tokenizers import Tokenizer as Backend  # only this backend needs it
 
@@ -244,6 +260,9 @@ class HFTokenizer(Tokenizer):
             self._special[name] = token_id
             if token_id >= 0:
                 self.config[f"{name}_token"] = self.backend.id_to_token(token_id)
+        eos = [self._special["eos"]] if self._special["eos"] >= 0 else []
+        extra = [i for i in stop_ids if 0 <= i < self._vocab_size and i not in eos]
+        self._stop_ids = eos + list(dict.fromkeys(extra))
 
     @classmethod
     def from_file(cls, path: Path) -> HFTokenizer:
@@ -251,17 +270,27 @@ class HFTokenizer(Tokenizer):
         folder = path.parent
         config = _read_json(folder / TOKENIZER_CONFIG)
         fallback: dict[str, int] = {}
+        stop: list[int] = []
         for sidecar in _ID_SIDECARS:
             values = _read_json(folder / sidecar)
             for name in SPECIAL_NAMES:
                 token_id = _first_id(values.get(f"{name}_token_id"))
                 if token_id is not None:
                     fallback.setdefault(name, token_id)
-        return cls(path.read_bytes(), config, fallback, source=str(path))
+            stop = stop or _all_ids(values.get("eos_token_id"))
+        return cls(path.read_bytes(), config, fallback, source=str(path), stop_ids=stop)
 
     def files(self) -> dict[str, bytes]:
         config = json.dumps(self.config, indent=2, ensure_ascii=False) + "\n"
-        return {TOKENIZER_JSON: self.tokenizer_json, TOKENIZER_CONFIG: config.encode("utf-8")}
+        files = {TOKENIZER_JSON: self.tokenizer_json, TOKENIZER_CONFIG: config.encode("utf-8")}
+        if len(self._stop_ids) > 1:  # keep the release's extra end tokens with the tokenizer
+            generation = json.dumps({"eos_token_id": self._stop_ids}) + "\n"
+            files[GENERATION_CONFIG] = generation.encode("utf-8")
+        return files
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return list(self._stop_ids)
 
     @property
     def main_file(self) -> str:

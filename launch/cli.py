@@ -145,7 +145,7 @@ def _print_sample(checkpoint: str, config: TrainConfig, seed: int) -> None:
         config.sample_tokens,
         temperature=config.sample_temperature,
         top_p=config.sample_top_p,
-        eos_id=loaded.tokenizer.eos_id,
+        stop_ids=loaded.tokenizer.stop_ids,
         seed=seed,
     )
     how = (
@@ -192,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
-        eos_id=loaded.tokenizer.eos_id,
+        stop_ids=loaded.tokenizer.stop_ids,
         seed=args.seed,
     )
     print(args.prompt + loaded.tokenizer.decode(ids))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from model.kv_cache import KVCache
@@ -33,10 +35,11 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     seed: int | None = None,
 ) -> list[int]:
-    """Continue `prompt_ids` by up to `max_new_tokens` tokens; stops early at `eos_id`."""
+    """Continue `prompt_ids` by up to `max_new_tokens` tokens; stops early at any of
+    `stop_ids` (EOS, and e.g. Llama-3's <|eot_id|>), which is kept as the last token."""
     if not prompt_ids:
         raise ValueError("generate needs a non-empty prompt")
     max_len = model.config.max_seq_len
@@ -65,7 +68,7 @@ def generate(
     for _ in range(max_new_tokens):
         next_id = sample_next(logits, temperature, top_p, generator)
         new_tokens.append(next_id)
-        if next_id == eos_id or position >= cache.max_len:
+        if next_id in stop_ids or position >= cache.max_len:
             break
         step = torch.tensor([[next_id]], device=param.device)
         logits = model(step, kv_cache=cache, start_pos=position)[0, -1]

@@ -163,14 +163,17 @@ def test_tokenizer_json_matches_autotokenizer(style: str, tmp_path: Path) -> Non
         assert ours.bos_id == backend.token_to_id("<|begin_of_text|>") == theirs.bos_token_id
         assert ours.eos_id == backend.token_to_id("<|end_of_text|>")
         assert ours.pad_id == -1
+        # Every end token of generation_config.json stops a generation (<|eot_id|> too).
+        assert ours.stop_ids == [ours.eos_id, backend.token_to_id("<|eot_id|>")]
     # What a checkpoint or a worker process holds rebuilds the same tokenizer, sidecars gone.
     again = Tokenizer.from_files(ours.files())
     assert [again.encode(t) for t in TEXTS] == [ours.encode(t) for t in TEXTS]
-    assert (again.bos_id, again.eos_id, again.pad_id, again.sha256) == (
+    assert (again.bos_id, again.eos_id, again.pad_id, again.sha256, again.stop_ids) == (
         ours.bos_id,
         ours.eos_id,
         ours.pad_id,
         ours.sha256,
+        ours.stop_ids,
     )
     saved = Tokenizer.load(ours.save(tmp_path / "copy"))
     assert saved.eos_id == ours.eos_id and saved.sha256 == ours.sha256
@@ -300,7 +303,7 @@ def test_import_finetune_generate_and_export_with_tokenizer_json(
     assert_same_ids(checkpoint.tokenizer, exported)
     assert (exported.eos_token_id, exported.bos_token_id) == (eos, source.bos_id)
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == eos
+    assert generation["eos_token_id"] == [eos, backend.token_to_id("<|eot_id|>")]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     batch = torch.tensor([source.encode(TEXTS[0])])
     with torch.no_grad():

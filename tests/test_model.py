@@ -63,6 +63,10 @@ def test_kv_cache_decoding_matches_full_forward(tied: bool) -> None:
         for _ in range(12):
             sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
     assert fast == sequence[len(prompt) :]
+    # Any stop id ends the generation (kept as the last token); others do not.
+    third = fast[2]
+    stopped = generate(model, prompt, max_new_tokens=12, stop_ids=[10**6, third])
+    assert stopped == fast[: fast.index(third) + 1]
 
 
 def test_sampling_is_seeded_and_top_p_restricts_choices() -> None:

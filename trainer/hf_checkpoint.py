@@ -114,7 +114,10 @@ def export_checkpoint(
     write_tokenizer_files(tokenizer, out, config.model.max_seq_len)
     generation = {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
+        # A release's several end tokens (Llama-3: <|end_of_text|>, <|eot_id|>) stay a list.
+        "eos_token_id": stops
+        if len(stops := tokenizer.stop_ids) > 1
+        else _optional_id(tokenizer.eos_id),
         "pad_token_id": _optional_id(tokenizer.pad_id),
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
