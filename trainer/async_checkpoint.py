@@ -4,9 +4,10 @@ DeepSpeed writes every file of `engine.save_checkpoint` through `engine.checkpoi
 (its CheckpointEngine abstraction). `SnapshotCheckpointEngine` plugs into that seam: during the
 save call it only copies each state dict to CPU (so later steps cannot leak into it) and keeps
 the (copy, path) pairs; a `BackgroundSave` thread later writes them with DeepSpeed's own
-torch.save engine. DeepSpeed's fast/decoupled writers were not used: they go through its AIO
-op (libaio) and, decoupled, a spawned writer process fed through shared memory; neither is
-needed for a thread that only calls torch.save, and neither is available on CPU/gloo here.
+torch.save engine. DeepSpeed's own DecoupledCheckpointEngine was not used: it queues the live
+state dicts to a spawned process (CPU tensors are moved into shared memory, not copied, so the
+next optimizer steps would leak into the files) and its commit, run inside the next
+`engine.step`, blocks until the write ends; its FastCheckpointEngine needs the AIO op (libaio).
 
 Publication stays complete-or-invisible: every rank writes its files into the same
 `.tmp-step_N/` folder (a shared filesystem, as for synchronous saves), fsyncs them and drops a
