@@ -294,17 +294,21 @@ def test_tampered_state_file_is_refused_and_resume_falls_back(tmp_path: Path, co
     assert "no checkpoint in" in result.stderr and "verifies" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("async_save", "launches"), [(False, 20), pytest.param(True, 20, marks=pytest.mark.slow)]
+)
 def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(
-    tmp_path: Path, corpus: Path
+    async_save: bool, launches: int, tmp_path: Path, corpus: Path
 ) -> None:
-    """20 launches, each resuming the last and SIGKILLed at a random moment while saving every step."""
+    """Launches each resuming the last and SIGKILLed at a random moment while saving every step."""
+    checkpoint = {"every": 1, "keep": 3, "async_save": async_save}
     config = config_file(
-        tmp_path, corpus, "kill", train={"max_steps": 100_000}, checkpoint={"every": 1, "keep": 3}
+        tmp_path, corpus, "kill", train={"max_steps": 100_000}, checkpoint=checkpoint
     )
     root = tmp_path / "kill" / "checkpoints"
     rng = random.Random(1234)
     resumed_steps = []
-    for _trial in range(20):
+    for _trial in range(launches):
         before = ckpt.find_resume_checkpoint(root)
         process = subprocess.Popen(
             train_cmd(config),
@@ -465,3 +469,29 @@ def test_spike_rollback_reloads_the_checkpoint_and_skips_its_batches(
     # Equal until step 9, where the rolled-back run met its second (injected) spike.
     assert [r["loss"] for r in lines[6:10]] == [r["loss"] for r in reference[:4]]
     assert [r["grad_norm"] for r in lines[6:10]] == [r["grad_norm"] for r in reference[:4]]
+
+
+def test_spike_rollback_on_two_ranks_with_async_saves(tmp_path: Path, corpus: Path) -> None:
+    """Rank 0 alone sees the spike; both ranks roll back together, after the in-flight save."""
+    train = {"max_steps": 8, "spike_min_history": 3, "spike_window": 10, "spike_rollback": True}
+    config = config_file(
+        tmp_path,
+        corpus,
+        "rollback2",
+        train=train,
+        parallel={"zero_stage": 2},
+        checkpoint={"every": 4, "keep": 0, "async_save": True},
+    )
+    result = run(train_cmd(config, 2, "--inject", "spike@6"))
+    assert "loss spike at step 6: rolled back to step_00000004" in result.stderr
+    lines = step_lines(tmp_path / "rollback2")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+    assert [r["tokens"] for r in lines] == [512 * i for i in range(1, 11)]
+    assert lines[-1]["rollbacks"] == 1 and lines[-1]["rollback_skipped_batches"] == 2
+    root = tmp_path / "rollback2/checkpoints"
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == [
+        "step_00000004",
+        "step_00000008",
+    ]
+    for folder in ckpt.complete_checkpoints(root):
+        ckpt.verify_checkpoint(folder)
