@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.helpers import read_metrics, small_config
@@ -67,25 +70,135 @@ def step_lines(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir)[0]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_on_two_ranks_is_bit_exact(stage: int, tmp_path: Path, corpus: Path) -> None:
-    """12 steps straight == 6 steps, a crash after step 8, and a resume from step 6."""
-    parallel = {"zero_stage": stage}
-    straight = config_file(tmp_path, corpus, "straight", parallel=parallel)
-    run(train_cmd(straight, 2))
-    crashed = config_file(tmp_path, corpus, "crashed", parallel=parallel, checkpoint={"every": 6})
-    run(train_cmd(crashed, 2, "--fail-at-step", "8"), expect=1)  # torchrun reports the dead ranks
-    assert (tmp_path / "crashed/checkpoints/latest").read_text().strip() == "step_00000006"
-    run(train_cmd(crashed, 2))
-    expected, resumed = step_lines(tmp_path / "straight"), step_lines(tmp_path / "crashed")
-    assert [r["step"] for r in resumed] == list(range(1, 13))
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
-    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in expected]
+MOE_MODEL = {
+    "preset": "tiny-moe",
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "max_seq_len": 128,
+    "n_experts": 4,
+    "top_k": 2,
+    "moe_ffn_hidden_dim": 64,
+    "aux_free_bias_update_rate": 0.01,  # the router's bias and pending load must resume too
+}
+MODELS = {"tiny": {}, "tiny-moe": MOE_MODEL}
 
 
-def test_sigterm_saves_and_the_next_launch_continues(tmp_path: Path, corpus: Path) -> None:
+def resume_config(
+    tmp_path: Path, corpus: Path, name: str, model: str, stage: int, **sections: dict
+) -> Path:
+    return config_file(
+        tmp_path,
+        corpus,
+        name,
+        model=MODELS[model],
+        train={"max_steps": 24},
+        parallel={"zero_stage": stage},
+        **sections,
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_run(
+    tmp_path_factory: pytest.TempPathFactory, corpus: Path
+) -> Callable[[str, int, int], Path]:
+    """24 uninterrupted steps per (model, ranks, ZeRO stage), run once per module."""
+    runs: dict[tuple[str, int, int], Path] = {}
+
+    def get(model: str, nproc: int, stage: int) -> Path:
+        if (model, nproc, stage) not in runs:
+            tmp = tmp_path_factory.mktemp(f"straight-{model}-{nproc}-{stage}")
+            run(train_cmd(resume_config(tmp, corpus, "straight", model, stage), nproc))
+            runs[model, nproc, stage] = tmp / "straight"
+        return runs[model, nproc, stage]
+
+    return get
+
+
+def assert_same_run(expected: Path, resumed: Path) -> None:
+    """Same losses and grad norms at every step and the same final weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    want, got = step_lines(expected), step_lines(resumed)
+    assert [r["step"] for r in got] == list(range(1, 25))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in want]
+    final = "checkpoints/step_00000024/model.safetensors"
+    want_weights, got_weights = load_file(expected / final), load_file(resumed / final)
+    assert want_weights.keys() == got_weights.keys()
+    for key, tensor in want_weights.items():
+        assert torch.equal(tensor, got_weights[key]), key  # router bias and load buffers too
+
+
+@pytest.mark.parametrize(
+    ("model", "nproc", "stage"),
+    [
+        pytest.param("tiny", 1, 0, marks=pytest.mark.slow),  # test_training covers 1 rank
+        ("tiny", 2, 2),
+        pytest.param("tiny", 2, 3, marks=pytest.mark.slow),
+        ("tiny-moe", 1, 0),
+        ("tiny-moe", 2, 2),
+        pytest.param("tiny-moe", 2, 3, marks=pytest.mark.slow),
+    ],
+)
+def test_resume_is_bit_exact(
+    model: str,
+    nproc: int,
+    stage: int,
+    tmp_path: Path,
+    corpus: Path,
+    straight_run: Callable[[str, int, int], Path],
+) -> None:
+    """24 steps straight == 12 steps, a process exit, and 12 resumed steps (fp32)."""
+    config = resume_config(tmp_path, corpus, "resumed", model, stage, checkpoint={"every": 12})
+    run(train_cmd(config, nproc, "--fail-at-step", "12"), expect=17 if nproc == 1 else 1)
+    assert (tmp_path / "resumed/checkpoints/latest").read_text().strip() == "step_00000012"
+    result = run(train_cmd(config, nproc))
+    assert "resumed from" in result.stderr
+    assert_same_run(straight_run(model, nproc, stage), tmp_path / "resumed")
+
+
+@pytest.mark.parametrize(("nproc", "stage"), [(1, 0), (2, 2)])
+def test_async_save_resumes_bit_exactly(
+    nproc: int,
+    stage: int,
+    tmp_path: Path,
+    corpus: Path,
+    straight_run: Callable[[str, int, int], Path],
+) -> None:
+    """Async saves every 6 steps, a crash right after the step-12 save began, then a resume."""
+    config = resume_config(
+        tmp_path, corpus, "async", "tiny", stage, checkpoint={"every": 6, "async_save": True}
+    )
+    result = run(train_cmd(config, nproc, "--fail-at-step", "12"), expect=17 if nproc == 1 else 1)
+    assert "training blocked" in result.stderr and "(writing in the background)" in result.stderr
+    root = tmp_path / "async/checkpoints"
+    # The crash hit the step-12 save in flight: published completely, or only a temporary folder.
+    latest = (root / "latest").read_text().strip()
+    assert latest in ("step_00000006", "step_00000012")
+    if latest == "step_00000006":
+        assert not (root / "step_00000012").exists()
+    for folder in ckpt.complete_checkpoints(root):
+        ckpt.verify_checkpoint(folder)
+    assert not list(root.glob("step_*/.ranks")) and not list(root.glob("step_*/**/*.ok"))
+    result = run(train_cmd(config, nproc))
+    assert f"resumed from {root / latest}" in result.stderr
+    assert not list(root.glob(".tmp-*"))  # the interrupted save was cleaned up
+    assert_same_run(straight_run("tiny", nproc, stage), tmp_path / "async")
+    manifest = ckpt.verify_checkpoint(root / "step_00000024")
+    assert "deepspeed/mp_rank_00_model_states.pt" in manifest["files"]
+    assert all(f"rng/rank_{rank:05d}.pt" in manifest["files"] for rank in range(nproc))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_sigterm_saves_and_the_next_launch_continues(
+    async_save: bool, tmp_path: Path, corpus: Path
+) -> None:
+    """Async: saves every 2 steps are in flight when the signal comes; the final one waits."""
+    checkpoint = {"every": 2, "async_save": True} if async_save else {"every": 0}
     config = config_file(
-        tmp_path, corpus, "preempt", train={"max_steps": 100_000}, checkpoint={"every": 0}
+        tmp_path, corpus, "preempt", train={"max_steps": 100_000}, checkpoint=checkpoint
     )
     process = subprocess.Popen(
         train_cmd(config),
@@ -109,6 +222,8 @@ def test_sigterm_saves_and_the_next_launch_continues(tmp_path: Path, corpus: Pat
     assert saved is not None
     stopped_at = int(saved.name.removeprefix("step_"))
     assert stopped_at >= 3
+    assert not list((tmp_path / "preempt" / "checkpoints").glob(".tmp-*"))
+    assert stopped_at == max(r["step"] for r in step_lines(tmp_path / "preempt"))
     raw = yaml.safe_load(config.read_text())
     raw["train"]["max_steps"] = stopped_at + 2
     config.write_text(yaml.safe_dump(raw))
@@ -179,17 +294,21 @@ def test_tampered_state_file_is_refused_and_resume_falls_back(tmp_path: Path, co
     assert "no checkpoint in" in result.stderr and "verifies" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("async_save", "launches"), [(False, 20), pytest.param(True, 20, marks=pytest.mark.slow)]
+)
 def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(
-    tmp_path: Path, corpus: Path
+    async_save: bool, launches: int, tmp_path: Path, corpus: Path
 ) -> None:
-    """20 launches, each resuming the last and SIGKILLed at a random moment while saving every step."""
+    """Launches each resuming the last and SIGKILLed at a random moment while saving every step."""
+    checkpoint = {"every": 1, "keep": 3, "async_save": async_save}
     config = config_file(
-        tmp_path, corpus, "kill", train={"max_steps": 100_000}, checkpoint={"every": 1, "keep": 3}
+        tmp_path, corpus, "kill", train={"max_steps": 100_000}, checkpoint=checkpoint
     )
     root = tmp_path / "kill" / "checkpoints"
     rng = random.Random(1234)
     resumed_steps = []
-    for _trial in range(20):
+    for _trial in range(launches):
         before = ckpt.find_resume_checkpoint(root)
         process = subprocess.Popen(
             train_cmd(config),
@@ -286,3 +405,93 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path: Path, corpus: 
             "scaletrain: error: 3 steps in a row had a non-finite loss or gradient; stopping"
         )
     )
+
+
+def test_spike_rollback_reloads_the_checkpoint_and_skips_its_batches(
+    tmp_path: Path, corpus: Path
+) -> None:
+    """spike@6 rolls back to step 4 with the data at batch 7; a crash at step 8 and a resume
+    keep the rollback count, so the spike at step 9 meets the cap and is only skipped."""
+    from launch.environment import detect_environment
+    from trainer.config import job_config_from_dict
+    from trainer.trainer import Trainer
+
+    train = {
+        "max_steps": 10,
+        "spike_min_history": 3,
+        "spike_window": 10,
+        "spike_rollback": True,
+        "max_rollbacks": 1,
+    }
+    config = config_file(
+        tmp_path, corpus, "rollback", train=train, checkpoint={"every": 4, "keep": 0}
+    )
+    first = run(
+        train_cmd(config, 1, "--inject", "spike@6,spike@9", "--fail-at-step", "8"), expect=17
+    )
+    assert (
+        "loss spike at step 6: rolled back to step_00000004 (rollback 1 of at most 1); "
+        "skipping the 2 batches since it" in first.stderr
+    )
+    second = run(train_cmd(config, 1, "--inject", "spike@6,spike@9"))
+    assert "resumed from" in second.stderr and "step_00000008" in second.stderr
+    assert "loss spike at step 9: train.max_rollbacks=1 reached; skipping the update only" in (
+        second.stderr
+    )
+    lines = step_lines(tmp_path / "rollback")
+    batch_tokens = 512
+    # Steps 1-6, then 5-10 again after the rollback; the data never goes back.
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
+    assert [r["tokens"] for r in lines] == [batch_tokens * i for i in range(1, 13)]
+    assert [r["rollbacks"] for r in lines] == [0] * 6 + [1] * 6
+    assert [r["rollback_skipped_batches"] for r in lines] == [0] * 6 + [2] * 6
+    assert [r["step"] for r in lines if r["skipped_update"]] == [6, 9]
+    assert lines[-1]["skipped_spikes"] == 2
+    state = (tmp_path / "rollback/checkpoints/step_00000010/trainer_state.json").read_text()
+    assert '"rollbacks": 1' in state and '"skipped_batches": 2' in state
+
+    # Reference: start from the step-4 checkpoint with the data advanced past batches 5 and 6.
+    reference_dir = tmp_path / "reference"
+    for part in ("checkpoints/step_00000004", "tokenizer"):
+        shutil.copytree(tmp_path / "rollback" / part, reference_dir / part)
+    raw = yaml.safe_load(config.read_text())
+    raw["run"]["dir"] = str(reference_dir)
+    raw["train"]["spike_rollback"] = False
+    raw["checkpoint"]["every"] = 0
+    trainer = Trainer(job_config_from_dict(raw), detect_environment())
+    trainer.setup()
+    assert trainer.step == 4
+    trainer.loader.next_batch()
+    trainer.loader.next_batch()
+    trainer.fit()
+    reference = step_lines(reference_dir)
+    assert [r["step"] for r in reference] == [5, 6, 7, 8, 9, 10]
+    # Equal until step 9, where the rolled-back run met its second (injected) spike.
+    assert [r["loss"] for r in lines[6:10]] == [r["loss"] for r in reference[:4]]
+    assert [r["grad_norm"] for r in lines[6:10]] == [r["grad_norm"] for r in reference[:4]]
+
+
+def test_spike_rollback_on_two_ranks_with_async_saves(tmp_path: Path, corpus: Path) -> None:
+    """Rank 0 alone sees the spike; both ranks roll back together, after the in-flight save."""
+    train = {"max_steps": 8, "spike_min_history": 3, "spike_window": 10, "spike_rollback": True}
+    config = config_file(
+        tmp_path,
+        corpus,
+        "rollback2",
+        train=train,
+        parallel={"zero_stage": 2},
+        checkpoint={"every": 4, "keep": 0, "async_save": True},
+    )
+    result = run(train_cmd(config, 2, "--inject", "spike@6"))
+    assert "loss spike at step 6: rolled back to step_00000004" in result.stderr
+    lines = step_lines(tmp_path / "rollback2")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+    assert [r["tokens"] for r in lines] == [512 * i for i in range(1, 11)]
+    assert lines[-1]["rollbacks"] == 1 and lines[-1]["rollback_skipped_batches"] == 2
+    root = tmp_path / "rollback2/checkpoints"
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == [
+        "step_00000004",
+        "step_00000008",
+    ]
+    for folder in ckpt.complete_checkpoints(root):
+        ckpt.verify_checkpoint(folder)

@@ -53,6 +53,8 @@ class TrainConfig:
     spike_window: int = 100
     spike_min_history: int = 20
     max_nonfinite_in_a_row: int = 5  # stop after this many non-finite steps in a row
+    spike_rollback: bool = False  # on a spike, reload the latest checkpoint and skip its batches
+    max_rollbacks: int = 3  # rollbacks per run; later spikes only skip their update
 
     def __post_init__(self) -> None:
         for key in (
@@ -84,6 +86,8 @@ class TrainConfig:
             )
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks: must be >= 0, got {self.max_rollbacks}")
 
 
 @dataclass
@@ -126,12 +130,16 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 3  # complete checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto (latest in run.dir), none, or a checkpoint folder
+    async_save: bool = False  # snapshot at the save step, write in the background
+    async_timeout_s: float = 600.0  # rank 0 waits this long for the other ranks' files
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"every: must be >= 0 (0 saves only at the end), got {self.every}")
         if self.keep < 0:
             raise ValueError(f"keep: must be >= 0, got {self.keep}")
+        if self.async_timeout_s <= 0:
+            raise ValueError(f"async_timeout_s: must be positive, got {self.async_timeout_s}")
 
 
 @dataclass

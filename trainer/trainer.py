@@ -29,6 +29,7 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
 from model import build_model
 from model.flops import flops_per_token
 from model.transformer import Transformer
+from trainer import async_checkpoint
 from trainer import checkpoint as ckpt
 from trainer.config import JobConfig, write_config
 from trainer.config_io import ConfigError
@@ -149,6 +150,10 @@ class Trainer:
             train.max_nonfinite_in_a_row,
         )
         self._eval_sets: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._snapshot_engine: async_checkpoint.SnapshotCheckpointEngine | None = None
+        self._background_save = async_checkpoint.BackgroundSave()
+        self.rollbacks = 0  # spike rollbacks so far (checkpointed)
+        self.rollback_skipped_batches = 0  # batches whose updates a rollback discarded
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -207,6 +212,10 @@ class Trainer:
             config=self.ds_config,
             dist_init_required=False,
         )
+        if config.checkpoint.async_save:
+            # DeepSpeed writes its files through this seam; ours only snapshots them.
+            self._snapshot_engine = async_checkpoint.SnapshotCheckpointEngine(self.engine._config)
+            self.engine.checkpoint_engine = self._snapshot_engine
 
         sequences = build_packed_sequences(
             config.data.train, "train", self.tokenizer, config.data, self.skips, loop=True
@@ -262,9 +271,11 @@ class Trainer:
         )
         skipped = dropped or int(self.engine.skipped_steps) > skipped_before
         mean_loss = global_loss / self.env.world_size
-        self.guard.after_step(
-            mean_loss, skipped, "spike" if spikes > 0 and math.isfinite(mean_loss) else "nonfinite"
-        )
+        spike = skipped and spikes > 0 and math.isfinite(mean_loss)  # the same on every rank
+        self.guard.after_step(mean_loss, skipped, "spike" if spike else "nonfinite")
+        # An injected fault happens once: a rollback that replays the step must not meet it again.
+        self._inject_nan_steps.discard(self.step + 1)
+        self._inject_spike_steps.discard(self.step + 1)
         result: dict[str, Any] = {
             "loss": mean_loss,
             "lr": lr,
@@ -272,6 +283,7 @@ class Trainer:
             "skipped_update": skipped,
             "skipped_nonfinite": self.guard.skipped_nonfinite,
             "skipped_spikes": self.guard.skipped_spikes,
+            "spike": spike,
         }
         if model.config.n_experts:  # this rank's expert load in the last micro-batch
             result |= {"aux_loss": global_aux / self.env.world_size, **model.moe_stats()}
@@ -364,6 +376,8 @@ class Trainer:
                     "skipped_records": self.skips.total(),
                     "skipped_steps": int(self.engine.skipped_steps),
                     "skipped_by_reason": dict(self.skips.counts),
+                    "rollbacks": self.rollbacks,
+                    "rollback_skipped_batches": self.rollback_skipped_batches,
                     "tokens_by_source": self.loader.sequences.tokens_by_source(),
                     **{
                         k: v
@@ -375,6 +389,13 @@ class Trainer:
                     metrics.log(record)
                 progress.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 progress.update(1)
+                if result["spike"] and self._roll_back_after_spike():
+                    progress.n = self.step
+                    progress.refresh()
+                    if self._stop_agreed():
+                        self.preempted = True
+                        break
+                    continue
                 if config.train.eval_every > 0 and self.step % config.train.eval_every == 0:
                     self._evaluate_and_log(metrics, progress)
                 if config.checkpoint.every > 0 and self.step % config.checkpoint.every == 0:
@@ -392,9 +413,16 @@ class Trainer:
                 )
             elif config.train.eval_every > 0 and self.step % config.train.eval_every != 0:
                 self._evaluate_and_log(metrics, progress)
+            self.wait_for_checkpoint()
             if not self._saved(self.step):
                 self.save_checkpoint()
+                self.wait_for_checkpoint()
         finally:
+            if self._background_save.in_flight:  # training failed: still finish the last save
+                try:
+                    self._background_save.wait()
+                except Exception as exc:
+                    logger.error("the in-flight checkpoint save failed too: %s", exc)
             self._restore_signal_handlers(previous_handlers)
             progress.close()
             if metrics is not None:
@@ -510,15 +538,27 @@ class Trainer:
             "data": self.loader.state_dict(),
             "skipped_records": dict(self.skips.counts),
             "loss_guard": self.guard.state_dict(),
+            "rollback": {
+                "rollbacks": self.rollbacks,
+                "skipped_batches": self.rollback_skipped_batches,
+            },
             "world_size": self.env.world_size,
             "zero_stage": self.config.parallel.zero_stage,
             "precision": self.precision,
         }
 
     def save_checkpoint(self) -> Path:
-        """Save every piece of state; visible only once complete (all ranks must call)."""
+        """Save every piece of state; visible only once complete (all ranks must call).
+
+        With `checkpoint.async_save` the state is copied now and written in the background;
+        the folder is published once every rank wrote its part (see trainer.async_checkpoint).
+        """
+        started = time.perf_counter()
         name = ckpt.step_dir_name(self.step)
         tmp = self.checkpoint_root / f"{ckpt.TMP_PREFIX}{name}"
+        final = self.checkpoint_root / name
+        asynchronous = self._snapshot_engine is not None
+        self._background_save.wait()  # at most one save in flight
         if self.env.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -526,31 +566,95 @@ class Trainer:
         barrier()
         self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         weights = self._consolidated_state_dict()
-        torch.save(ckpt.capture_rng_state(), tmp / "rng" / f"rank_{self.env.rank:05d}.pt")
-        barrier()
-        final = self.checkpoint_root / name
+        rng_state = ckpt.capture_rng_state()
+        rng_file = tmp / "rng" / f"rank_{self.env.rank:05d}.pt"
+        buffers = self._rank_local_buffers()
+        if buffers:
+            rng_state = {**rng_state, "buffers": buffers}
+        trainer_state = json.dumps(self.trainer_state(), indent=1)
+        if self._snapshot_engine is None:
+            torch.save(rng_state, rng_file)
+            barrier()
+            if self.env.is_main:
+                self._finish_checkpoint(tmp, weights, trainer_state)
+            barrier()
+        else:
+            if self.env.is_main:  # ZeRO-0..2 hand out the live parameters: copy them now
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+            snapshot = self._snapshot_engine.take_snapshot()
+            self._background_save.start(
+                lambda: self._write_in_background(
+                    tmp, snapshot, rng_state, rng_file, weights, trainer_state
+                )
+            )
         if self.env.is_main:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                tmp / "model.safetensors",
+            logger.info(
+                "checkpoint %s: training blocked %.3f s%s",
+                name,
+                time.perf_counter() - started,
+                " (writing in the background)" if asynchronous else "",
             )
-            (tmp / "trainer_state.json").write_text(json.dumps(self.trainer_state(), indent=1))
-            write_config(self.config, tmp / "config.yaml")
-            self.tokenizer.save(tmp)
-            ckpt.write_manifest(
-                tmp,
-                {
-                    "step": self.step,
-                    "world_size": self.env.world_size,
-                    "zero_stage": self.config.parallel.zero_stage,
-                    "tokenizer_sha256": self.tokenizer.sha256,
-                    "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
-                },
-            )
-            final = ckpt.publish(tmp, self.checkpoint_root, self.step, self.config.checkpoint.keep)
-            logger.info("saved checkpoint %s", final)
-        barrier()
         return final
+
+    def _write_in_background(
+        self,
+        tmp: Path,
+        snapshot: list[tuple[Any, str]],
+        rng_state: dict[str, Any],
+        rng_file: Path,
+        weights: dict[str, torch.Tensor],
+        trainer_state: str,
+    ) -> None:
+        """The writer thread: this rank's files, its marker, and on rank 0 the publication."""
+        assert self._snapshot_engine is not None
+        try:
+            written = self._snapshot_engine.write(snapshot)
+            torch.save(rng_state, rng_file)
+            async_checkpoint.fsync_files([*written, rng_file])
+        except Exception as exc:
+            async_checkpoint.mark_rank_done(
+                tmp, self.env.rank, error=f"{type(exc).__name__}: {exc}"
+            )
+            raise
+        async_checkpoint.mark_rank_done(tmp, self.env.rank)
+        if self.env.is_main:
+            async_checkpoint.wait_for_ranks(
+                tmp, self.env.world_size, self.config.checkpoint.async_timeout_s
+            )
+            shutil.rmtree(tmp / async_checkpoint.RANKS_DIR)
+            self._finish_checkpoint(tmp, weights, trainer_state)
+
+    def _finish_checkpoint(
+        self, tmp: Path, weights: dict[str, torch.Tensor], trainer_state: str
+    ) -> None:
+        """Rank 0, once every rank's files are in `tmp`: the rest, the manifest, publication."""
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            tmp / "model.safetensors",
+        )
+        (tmp / "trainer_state.json").write_text(trainer_state)
+        write_config(self.config, tmp / "config.yaml")
+        self.tokenizer.save(tmp)
+        step = int(json.loads(trainer_state)["step"])
+        ckpt.write_manifest(
+            tmp,
+            {
+                "step": step,
+                "world_size": self.env.world_size,
+                "zero_stage": self.config.parallel.zero_stage,
+                "tokenizer_sha256": self.tokenizer.sha256,
+                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+            },
+        )
+        final = ckpt.publish(tmp, self.checkpoint_root, step, self.config.checkpoint.keep)
+        logger.info("saved checkpoint %s", final)
+
+    def wait_for_checkpoint(self) -> None:
+        """Let an in-flight asynchronous save finish and be published (all ranks must call)."""
+        if self._snapshot_engine is None:
+            return
+        self._background_save.wait()
+        barrier()  # rank 0's writer has published once it returned
 
     def _consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         if self.config.parallel.zero_stage == 3:
@@ -566,8 +670,23 @@ class Trainer:
         folder = ckpt.find_resume_checkpoint(self.checkpoint_root) if mode == "auto" else Path(mode)
         if folder is None:
             return
+        state = self._load_checkpoint(folder)
+        self.tokens_seen = int(state["tokens_seen"])
+        self.loader.load_state_dict(state["data"])
+        self.skips.counts.update(state.get("skipped_records", {}))
+        if "loss_guard" in state:
+            self.guard.load_state_dict(state["loss_guard"])
+        rollback = state.get("rollback", {})
+        self.rollbacks = int(rollback.get("rollbacks", 0))
+        self.rollback_skipped_batches = int(rollback.get("skipped_batches", 0))
+        if self.env.is_main:
+            logger.info("resumed from %s at step %d", folder, self.step)
+
+    def _load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Model, optimizer, scheduler, step and this rank's RNG from `folder`; returns its
+        trainer state (data position and counters), which the caller applies as it needs."""
         manifest = ckpt.verify_checkpoint(folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
+        state: dict[str, Any] = json.loads((folder / "trainer_state.json").read_text())
         saved_world, saved_stage = int(manifest["world_size"]), int(manifest["zero_stage"])
         stage = self.config.parallel.zero_stage
         # ZeRO-0 checkpoints hold the whole optimizer state in one file, so any world size can
@@ -587,17 +706,80 @@ class Trainer:
         if load_path is None:
             raise ckpt.CheckpointError(f"{folder / 'deepspeed'}: DeepSpeed could not load it")
         self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.loader.load_state_dict(state["data"])
-        self.skips.counts.update(state.get("skipped_records", {}))
-        if "loss_guard" in state:
-            self.guard.load_state_dict(state["loss_guard"])
         rng_file = folder / "rng" / f"rank_{self.env.rank:05d}.pt"
         if not rng_file.is_file():
             rng_file = folder / "rng" / "rank_00000.pt"
-        ckpt.restore_rng_state(ckpt.safe_torch_load(rng_file))
+        rank_state = ckpt.safe_torch_load(rng_file)
+        ckpt.restore_rng_state(rank_state)
+        if rng_file.name == f"rank_{self.env.rank:05d}.pt":  # another world size: rank 0's
+            self._load_rank_local_buffers(rank_state.get("buffers", {}))
+        return state
+
+    def _rank_local_buffers(self) -> dict[str, torch.Tensor]:
+        """Copies of the model's persistent buffers (the MoE routers' aux-loss-free bias and
+        pending load), which evolve from each rank's own tokens and so differ between ranks,
+        while DeepSpeed saves the module state of rank 0 only."""
+        buffers = {}
+        for prefix, module in self.engine.module.named_modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and name not in module._non_persistent_buffers_set:
+                    key = f"{prefix}.{name}" if prefix else name
+                    buffers[key] = buffer.detach().to("cpu", copy=True)
+        return buffers
+
+    def _load_rank_local_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        own = dict(self.engine.module.named_buffers())
+        with torch.no_grad():
+            for name, value in buffers.items():
+                if name not in own or own[name].shape != value.shape:
+                    raise ckpt.CheckpointError(f"rank state: buffer {name} does not fit the model")
+                own[name].copy_(value)
+
+    def _roll_back_after_spike(self) -> bool:
+        """PaLM-style: on a loss spike (all ranks agree), reload the latest complete checkpoint
+        but keep the data position, so the batches since that checkpoint, the spike's
+        included, are never trained on again. False (the update stays skipped) when rollback
+        is off, capped, or there is no checkpoint yet."""
+        train = self.config.train
+        if not train.spike_rollback:
+            return False
+        if self.rollbacks >= train.max_rollbacks:
+            if self.env.is_main:
+                logger.warning(
+                    "loss spike at step %d: train.max_rollbacks=%d reached; skipping the update only",
+                    self.step,
+                    train.max_rollbacks,
+                )
+            return False
+        self.wait_for_checkpoint()  # a save in flight becomes the latest complete checkpoint
+        barrier()
+        folder = ckpt.find_resume_checkpoint(self.checkpoint_root)
+        if folder is None:
+            if self.env.is_main:
+                logger.warning(
+                    "loss spike at step %d: no checkpoint to roll back to; skipping the update only",
+                    self.step,
+                )
+            return False
+        spike_step = self.step
+        state = self._load_checkpoint(folder)
+        # The guard's window goes back with the model; its counters keep what happened.
+        self.guard.window.clear()
+        self.guard.window.extend(float(x) for x in state["loss_guard"]["window"])
+        skipped = spike_step - self.step
+        self.rollbacks += 1
+        self.rollback_skipped_batches += skipped
         if self.env.is_main:
-            logger.info("resumed from %s at step %d", folder, self.step)
+            logger.warning(
+                "loss spike at step %d: rolled back to %s (rollback %d of at most %d); "
+                "skipping the %d batches since it",
+                spike_step,
+                folder.name,
+                self.rollbacks,
+                train.max_rollbacks,
+                skipped,
+            )
+        return True
 
 
 def load_weights(model: Transformer, source: str) -> None:
