@@ -5,8 +5,7 @@ Layout of one checkpoint (see INTERFACE.md):
         deepspeed/            the engine's model and optimizer states (DeepSpeed's own files)
         model.safetensors     consolidated weights (for export, generate, eval, init_from)
         trainer_state.json    step, tokens, data position, counters
-        rng/rank_NNNNN.pt     Python, NumPy and torch RNG states of each rank, and its copy of
-                              the model's persistent buffers (MoE routers' bias and load)
+        rng/rank_NNNNN.pt     Python, NumPy and torch RNG states of each rank
         config.yaml           the resolved job config
         tokenizer.model       the tokenizer (or tokenizer.json + tokenizer_config.json)
         manifest.json         SHA-256 and size of every file above

@@ -568,9 +568,6 @@ class Trainer:
         weights = self._consolidated_state_dict()
         rng_state = ckpt.capture_rng_state()
         rng_file = tmp / "rng" / f"rank_{self.env.rank:05d}.pt"
-        buffers = self._rank_local_buffers()
-        if buffers:
-            rng_state = {**rng_state, "buffers": buffers}
         trainer_state = json.dumps(self.trainer_state(), indent=1)
         if self._snapshot_engine is None:
             torch.save(rng_state, rng_file)
@@ -711,29 +708,7 @@ class Trainer:
             rng_file = folder / "rng" / "rank_00000.pt"
         rank_state = ckpt.safe_torch_load(rng_file)
         ckpt.restore_rng_state(rank_state)
-        if rng_file.name == f"rank_{self.env.rank:05d}.pt":  # another world size: rank 0's
-            self._load_rank_local_buffers(rank_state.get("buffers", {}))
         return state
-
-    def _rank_local_buffers(self) -> dict[str, torch.Tensor]:
-        """Copies of the model's persistent buffers (the MoE routers' aux-loss-free bias and
-        pending load), which evolve from each rank's own tokens and so differ between ranks,
-        while DeepSpeed saves the module state of rank 0 only."""
-        buffers = {}
-        for prefix, module in self.engine.module.named_modules():
-            for name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None and name not in module._non_persistent_buffers_set:
-                    key = f"{prefix}.{name}" if prefix else name
-                    buffers[key] = buffer.detach().to("cpu", copy=True)
-        return buffers
-
-    def _load_rank_local_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
-        own = dict(self.engine.module.named_buffers())
-        with torch.no_grad():
-            for name, value in buffers.items():
-                if name not in own or own[name].shape != value.shape:
-                    raise ckpt.CheckpointError(f"rank state: buffer {name} does not fit the model")
-                own[name].copy_(value)
 
     def _roll_back_after_spike(self) -> bool:
         """PaLM-style: on a loss spike (all ranks agree), reload the latest complete checkpoint
