@@ -2,7 +2,9 @@
 
 Every piece here has a `state_dict()` that pins the exact next token, and the state does not
 depend on the number of ranks: ranks take their slice of each *global* batch (see
-`GlobalBatchLoader`), so a checkpoint resumes exactly on any world size.
+`GlobalBatchLoader`), so a checkpoint resumes exactly on any world size. Training reads
+prepared shards this way; streamed sources are read by logical shard (`data_pipeline.sharded`),
+each shard a `PackedSequences` of its own records.
 """
 
 from __future__ import annotations

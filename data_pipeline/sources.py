@@ -62,9 +62,9 @@ class Reader:
     """One reader of a source: records with global index i are read by reader i % count.
 
     Any set of readers {0..count-1} parses every record of an epoch exactly once, whatever the
-    number or sizes of the files (`Reader.of` numbers ranks x workers this way). Training uses
-    it for the worker processes of a rank (`data.num_workers`); the global mixture still needs
-    every document's length on every rank, which prepared shards give without reading tokens.
+    number or sizes of the files (`Reader.of` numbers ranks x workers this way). The worker
+    processes of one stream use it (`data.num_workers` in `data prepare` and validation);
+    streaming training reads by logical shard instead (`ShardSet`, `data_pipeline.sharded`).
     """
 
     index: int = 0
