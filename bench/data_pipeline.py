@@ -8,6 +8,8 @@ same text:
   - raw sentencepiece: `encode` over the texts already in memory, one call per document;
   - the streaming pipeline (read jsonl, check, tokenize, pack into seq_len + 1 sequences)
     with data.num_workers = 0 (in process), 1 and 2;
+  - the training loader over 64 logical shards (`ShardedBatchLoader`), one rank of one with 0
+    and 2 workers, and rank 0 of 4, which reads and tokenizes only its quarter of the records;
   - `data prepare` (the same work, written to memory-mapped shards), and training reads from
     those shards.
 Prints a Markdown table (for docs/BENCHMARKS.md) and one JSON line.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences
+from data_pipeline.sharded import ShardedBatchLoader
 from data_pipeline.shards import prepare_shards
 from data_pipeline.sources import SkipCounter, stdlib_files
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
@@ -59,6 +62,20 @@ def time_pipeline(
     sequences = sum(1 for _ in stream)
     elapsed = time.perf_counter() - started
     return elapsed, sequences * config.seq_len
+
+
+def time_sharded_rank(
+    source: SourceConfig, tokenizer: Tokenizer, config: DataConfig, rank: int, world_size: int
+) -> tuple[float, int]:
+    """One rank's training loader over 64 logical shards, to the end of the epoch: the tokens
+    of its own shards (1/world_size of the corpus), read, tokenized and packed."""
+    started = time.perf_counter()
+    loader = ShardedBatchLoader(
+        [source], tokenizer, config, SkipCounter(False), 64, 1, rank, world_size, loop=False
+    )
+    tokens = sum(len(stream) for stream in loader.drain().values())
+    loader.close()
+    return time.perf_counter() - started, tokens
 
 
 def time_rank_of_world(
@@ -110,6 +127,18 @@ def main() -> None:
             config = DataConfig(seq_len=args.seq_len, num_workers=workers)
             elapsed, tokens = time_pipeline(source, tokenizer, config)
             rows.append((f"pipeline read+tokenize+pack, {workers} workers", elapsed, tokens))
+
+        for workers, world_size in ((0, 1), (2, 1), (0, 4)):
+            config = DataConfig(seq_len=args.seq_len, num_workers=workers)
+            elapsed, tokens = time_sharded_rank(source, tokenizer, config, 0, world_size)
+            rows.append(
+                (
+                    f"training loader, 64 logical shards, rank 0 of {world_size}, "
+                    f"{workers} workers (its own tokens)",
+                    elapsed,
+                    tokens,
+                )
+            )
 
         config = DataConfig(seq_len=args.seq_len, train=[source], validation=[])
         started = time.perf_counter()

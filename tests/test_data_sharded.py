@@ -349,3 +349,53 @@ def test_long_documents_and_filters_are_counted_per_shard(
         "filtered: shorter than 10 chars": 1,
         "document longer than 1000 tokens": 1,
     }
+
+
+# ---------------------------------------------------------------- through the CLI
+@pytest.mark.slow
+def test_two_ranks_with_workers_resume_on_one_rank_through_the_cli(
+    tmp_path: Path, corpus: Path
+) -> None:
+    """torchrun, 2 ranks x 1 worker, crash after step 5; resume on 1 rank without workers: the
+    losses equal the uninterrupted 1-rank run's, and the saved state holds every shard."""
+    from tests.test_resilience import config_file, run, step_lines, train_cmd
+
+    straight = config_file(tmp_path, corpus, "straight", train={"max_steps": 8})
+    run(train_cmd(straight))
+    expected = step_lines(tmp_path / "straight")
+    config = config_file(
+        tmp_path,
+        corpus,
+        "sharded",
+        train={"max_steps": 8},
+        checkpoint={"every": 4},
+        data={**yaml_data(corpus), "num_workers": 1},
+    )
+    run(train_cmd(config, 2, "--fail-at-step", "5"), expect=1)
+    state = json.loads(
+        (tmp_path / "sharded/checkpoints/step_00000004/trainer_state.json").read_text()
+    )
+    shards = state["data"]["shards"]
+    assert state["data"]["logical_shards"] == len(shards) == 8  # 512 tokens / 64 per sequence
+    drawn = sum(n for s in shards.values() for n in s["source_tokens"])
+    fed = 4 * 8 * 64  # 4 steps of 8 sequences of 64 inputs, from both ranks
+    assert fed <= drawn <= fed + sum(len(s["buffer"]) for s in shards.values())
+    lines = step_lines(tmp_path / "sharded")
+    assert lines[3]["tokens_by_source"]["synthetic"] == drawn  # summed over the ranks
+    result = run(train_cmd(config, 1, "--set", "data.num_workers=0"))
+    assert "resumed from" in result.stderr
+    resumed = step_lines(tmp_path / "sharded")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+    bad = run(train_cmd(config, 1, "--set", "data.logical_shards=3"), expect=2)
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "scaletrain: error: data.logical_shards: 3 must divide the 8 sequences of a global "
+        "batch (0: one shard per sequence)"
+    )
+
+
+def yaml_data(corpus: Path) -> dict[str, Any]:
+    """The `data` section of the small test config."""
+    from tests.helpers import small_config
+
+    data: dict[str, Any] = small_config(Path("unused"), corpus)["data"]
+    return data
