@@ -19,7 +19,9 @@ once and queued for the shard that owns them, so V shards do not mean V reads of
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -269,6 +271,18 @@ class ShardGroup:
         return self.streams[shard].state_dict()
 
 
+def _put(out: mp.queues.Queue[Any], message: Any, parent: int) -> None:
+    """Send `message`, waiting while the queue is full; exit if the rank process is gone (a
+    rank killed hard must not leave its workers blocked forever, holding its pipes)."""
+    while True:
+        try:
+            out.put(message, timeout=1.0)
+            return
+        except queue.Full:
+            if os.getppid() != parent:
+                os._exit(0)
+
+
 def _worker_main(
     shards: list[int],
     sequences_per_shard: int,
@@ -280,11 +294,15 @@ def _worker_main(
     states: dict[int, dict[str, Any]],
     loop: bool,
     out: mp.queues.Queue[Any],
+    parent: int,
 ) -> None:
     """Produce this worker's shards' sequences in batch order, each with its shard's state.
 
     A shard that ends (only without `loop`) is reported once and left out from then on, as the
     main process does."""
+    # Forked from a rank that may handle SIGTERM as "save and stop": here it must just stop.
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_DFL)
     try:
         skips = SkipCounter(strict)
         tokenizer = Tokenizer(model_proto)
@@ -299,13 +317,14 @@ def _worker_main(
                     reported.update(new_skips)
                     if sequence is None:
                         records = group.passes.total_records_read()
-                        out.put(("end", group.state(shard), dict(new_skips), records))
+                        _put(out, ("end", group.state(shard), dict(new_skips), records), parent)
                         live.remove(shard)
                         break
-                    out.put(("sequence", sequence.numpy(), group.state(shard), dict(new_skips)))
+                    message = ("sequence", sequence.numpy(), group.state(shard), dict(new_skips))
+                    _put(out, message, parent)
     except Exception as exc:  # reported in the main process, which raises it
-        message = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-        out.put(("error", message))
+        error = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        _put(out, ("error", error), parent)
 
 
 class _WorkerShards:
@@ -343,6 +362,7 @@ class _WorkerShards:
                     {s: states[s] for s in mine if s in states},
                     loop,
                     self.queues[worker],
+                    os.getpid(),
                 ),
                 daemon=True,
             )

@@ -351,6 +351,25 @@ def test_long_documents_and_filters_are_counted_per_shard(
     }
 
 
+def test_workers_stop_with_the_loader_even_under_a_sigterm_handler(
+    tokenizer: Tokenizer, corpus: Path
+) -> None:
+    """The trainer handles SIGTERM as "save and stop"; forked workers must not inherit that."""
+    import signal
+
+    source = SourceConfig(str(corpus / "train.jsonl"))
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        (loader,) = _world([source], tokenizer, DataConfig(seq_len=16, num_workers=2), 1)
+        loader.next_batch()
+        assert loader._workers is not None
+        processes = loader._workers.processes
+        loader.close()
+        assert not any(process.is_alive() for process in processes)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------- through the CLI
 @pytest.mark.slow
 def test_two_ranks_with_workers_resume_on_one_rank_through_the_cli(
