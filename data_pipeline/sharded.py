@@ -37,7 +37,17 @@ from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.workers import _RecordingSkips
 
 STATE_FORMAT = "logical_shards"
-QUEUE_SEQUENCES = 64  # sequences a worker may run ahead of the training loop
+QUEUE_ROUNDS = 4  # global batches a worker may run ahead of the training loop
+
+
+@dataclass
+class _Round:
+    """One shard's part of a global batch: up to B/V sequences (fewer once it ended), and its
+    state after them."""
+
+    sequences: list[Any]  # tensors; NumPy arrays across the process boundary
+    state: dict[str, Any]
+    ended: bool
 
 
 @dataclass
@@ -271,6 +281,23 @@ class ShardGroup:
         return self.streams[shard].state_dict()
 
 
+def _round(
+    group: ShardGroup, shards: list[int], sequences_per_shard: int, with_states: bool = True
+) -> dict[int, _Round]:
+    """The next part of a global batch from each of `shards`."""
+    parts = {}
+    for shard in shards:
+        sequences = []
+        for _ in range(sequences_per_shard):
+            sequence = group.next_sequence(shard)
+            if sequence is None:
+                break
+            sequences.append(sequence)
+        ended = len(sequences) < sequences_per_shard
+        parts[shard] = _Round(sequences, group.state(shard) if with_states else {}, ended)
+    return parts
+
+
 def _put(out: mp.queues.Queue[Any], message: Any, parent: int) -> None:
     """Send `message`, waiting while the queue is full; exit if the rank process is gone (a
     rank killed hard must not leave its workers blocked forever, holding its pipes)."""
@@ -296,10 +323,9 @@ def _worker_main(
     out: mp.queues.Queue[Any],
     parent: int,
 ) -> None:
-    """Produce this worker's shards' sequences in batch order, each with its shard's state.
+    """Produce this worker's shards' parts of each global batch, one message per batch.
 
-    A shard that ends (only without `loop`) is reported once and left out from then on, as the
-    main process does."""
+    A shard that ends (only without `loop`) is reported once and left out from then on."""
     # Forked from a rank that may handle SIGTERM as "save and stop": here it must just stop.
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(number, signal.SIG_DFL)
@@ -310,25 +336,21 @@ def _worker_main(
         reported: Counter[str] = Counter()
         live = list(shards)
         while live:
-            for shard in list(live):
-                for _ in range(sequences_per_shard):
-                    sequence = group.next_sequence(shard)
-                    new_skips = skips.counts - reported
-                    reported.update(new_skips)
-                    if sequence is None:
-                        records = group.passes.total_records_read()
-                        _put(out, ("end", group.state(shard), dict(new_skips), records), parent)
-                        live.remove(shard)
-                        break
-                    message = ("sequence", sequence.numpy(), group.state(shard), dict(new_skips))
-                    _put(out, message, parent)
+            parts = _round(group, live, sequences_per_shard)
+            live = [shard for shard in live if not parts[shard].ended]
+            for part in parts.values():
+                part.sequences = [sequence.numpy() for sequence in part.sequences]
+            new_skips = skips.counts - reported
+            reported.update(new_skips)
+            records = group.passes.total_records_read()
+            _put(out, ("round", parts, dict(new_skips), records), parent)
     except Exception as exc:  # reported in the main process, which raises it
         error = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         _put(out, ("error", error), parent)
 
 
 class _WorkerShards:
-    """Worker processes running a rank's shards; sequences come back in batch order."""
+    """Worker processes running a rank's shards, each sending one message per global batch."""
 
     def __init__(
         self,
@@ -345,10 +367,12 @@ class _WorkerShards:
     ) -> None:
         context = mp.get_context("fork")
         self.skips = skips
-        self.queues: list[Any] = [context.Queue(QUEUE_SEQUENCES) for _ in range(num_workers)]
+        self.queues: list[Any] = [context.Queue(QUEUE_ROUNDS) for _ in range(num_workers)]
         self.processes = []
+        self.live: list[set[int]] = []  # each worker's shards that have not ended
         for worker in range(num_workers):
             mine = shards[worker::num_workers]
+            self.live.append(set(mine))
             process = context.Process(
                 target=_worker_main,
                 args=(
@@ -368,10 +392,18 @@ class _WorkerShards:
             )
             process.start()
             self.processes.append(process)
-        self.records_read = [0] * num_workers  # reported by each worker at its end
+        self.records_read = [0] * num_workers  # as last reported by each worker
 
-    def next_sequence(self, worker: int) -> tuple[torch.Tensor | None, Any]:
-        """The next sequence from `worker` (None when its shard ended) and the shard's state."""
+    def next_round(self) -> dict[int, _Round]:
+        """Every live shard's part of the next global batch."""
+        parts: dict[int, _Round] = {}
+        for worker, live in enumerate(self.live):
+            if live:
+                parts.update(self._receive(worker))
+                live.difference_update(s for s, part in parts.items() if part.ended)
+        return parts
+
+    def _receive(self, worker: int) -> dict[int, _Round]:
         while True:
             try:
                 message = self.queues[worker].get(timeout=5.0)
@@ -382,13 +414,9 @@ class _WorkerShards:
         if message[0] == "error":
             self.close()
             raise DataError(message[1])
-        if message[0] == "end":
-            _, state, new_skips, self.records_read[worker] = message
-            self.skips.counts.update(new_skips)
-            return None, state
-        _, sequence, state, new_skips = message
+        _, parts, new_skips, self.records_read[worker] = message
         self.skips.counts.update(new_skips)
-        return torch.from_numpy(sequence), state
+        return parts
 
     def close(self) -> None:
         for process in self.processes:
@@ -490,33 +518,29 @@ class ShardedBatchLoader:
                 self.loop,
             )
 
-    def _pull(self, position: int, shard: int) -> torch.Tensor | None:
+    def _next_round(self, live: list[int]) -> dict[int, _Round]:
+        """Each live shard's part of the next global batch (states only from workers)."""
+        if self._group is None and self._workers is None:
+            self._start()
         if self._workers is not None:
-            sequence, state = self._workers.next_sequence(position % self.num_workers)
-            self.states[shard] = state
-            return sequence
+            parts = self._workers.next_round()
+            for shard, part in parts.items():
+                part.sequences = [torch.from_numpy(s) for s in part.sequences]
+                self.states[shard] = part.state
+            return parts
         assert self._group is not None
-        return self._group.next_sequence(shard)
-
-    def _next_sequence(self, position: int, shard: int) -> torch.Tensor:
-        sequence = self._pull(position, shard)
-        if sequence is None:
-            raise DataError(
-                f"logical shard {shard} of {self.num_shards} has no usable documents "
-                "(fewer good records than data.logical_shards?)"
-            )
-        return sequence
+        return _round(self._group, live, self.sequences_per_shard, with_states=False)
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the next global batch, each (inputs, labels) of (b, T)."""
-        if self._group is None and self._workers is None:
-            self._start()
-        batch = [
-            self._next_sequence(position, shard)
-            for position, shard in enumerate(self.shards)
-            for _ in range(self.sequences_per_shard)
-        ]
-        mine = torch.stack(batch)
+        parts = self._next_round(self.shards)
+        for shard in self.shards:
+            if parts[shard].ended:
+                raise DataError(
+                    f"logical shard {shard} of {self.num_shards} has no usable documents "
+                    "(fewer good records than data.logical_shards?)"
+                )
+        mine = torch.stack([sequence for s in self.shards for sequence in parts[s].sequences])
         return [
             (chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
             for chunk in mine.split(self.micro_batch_size)
@@ -529,20 +553,20 @@ class ShardedBatchLoader:
         sequence left in its buffer tile its token stream exactly (the tests' coverage proof).
         """
         assert not self.loop, "drain() reads to the end of non-looping sources"
-        if self._group is None and self._workers is None:
-            self._start()
         streams: dict[int, list[int]] = {s: [] for s in self.shards}
-        live = list(enumerate(self.shards))
+        live = list(self.shards)
         while live:
-            for position, shard in list(live):
-                for _ in range(self.sequences_per_shard):
-                    sequence = self._pull(position, shard)
-                    if sequence is None:
-                        streams[shard] += self.local_state()[str(shard)]["buffer"]
-                        live.remove((position, shard))
-                        break
+            parts = self._next_round(live)
+            for shard in live:
+                for sequence in parts[shard].sequences:
                     streams[shard] += sequence[:-1].tolist()
+                if parts[shard].ended:
+                    streams[shard] += self._shard_state(shard)["buffer"]
+            live = [shard for shard in live if not parts[shard].ended]
         return streams
+
+    def _shard_state(self, shard: int) -> dict[str, Any]:
+        return self._group.state(shard) if self._group is not None else self.states[shard]
 
     def local_state(self) -> dict[str, dict[str, Any]]:
         """The states of this rank's shards, keyed by shard number (as a string, for JSON)."""
