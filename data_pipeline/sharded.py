@@ -21,7 +21,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.packing import GlobalBatchLoader, PackedSequences, build_packed_sequences
 from data_pipeline.sources import DocumentFilter, ShardSet, SkipCounter, iter_indexed_outcomes
 from data_pipeline.tokenizer import Tokenizer
-from data_pipeline.workers import _RecordingSkips
+from data_pipeline.workers import _RecordingSkips, put_while_parent_lives, start_in_worker
 
 STATE_FORMAT = "logical_shards"
 QUEUE_ROUNDS = 4  # global batches a worker may run ahead of the training loop
@@ -298,18 +297,6 @@ def _round(
     return parts
 
 
-def _put(out: mp.queues.Queue[Any], message: Any, parent: int) -> None:
-    """Send `message`, waiting while the queue is full; exit if the rank process is gone (a
-    rank killed hard must not leave its workers blocked forever, holding its pipes)."""
-    while True:
-        try:
-            out.put(message, timeout=1.0)
-            return
-        except queue.Full:
-            if os.getppid() != parent:
-                os._exit(0)
-
-
 def _worker_main(
     shards: list[int],
     sequences_per_shard: int,
@@ -326,9 +313,7 @@ def _worker_main(
     """Produce this worker's shards' parts of each global batch, one message per batch.
 
     A shard that ends (only without `loop`) is reported once and left out from then on."""
-    # Forked from a rank that may handle SIGTERM as "save and stop": here it must just stop.
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(number, signal.SIG_DFL)
+    start_in_worker()
     try:
         skips = SkipCounter(strict)
         tokenizer = Tokenizer(model_proto)
@@ -343,10 +328,10 @@ def _worker_main(
             new_skips = skips.counts - reported
             reported.update(new_skips)
             records = group.passes.total_records_read()
-            _put(out, ("round", parts, dict(new_skips), records), parent)
+            put_while_parent_lives(out, ("round", parts, dict(new_skips), records), parent)
     except Exception as exc:  # reported in the main process, which raises it
         error = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-        _put(out, ("error", error), parent)
+        put_while_parent_lives(out, ("error", error), parent)
 
 
 class _WorkerShards:

@@ -366,6 +366,13 @@ def test_workers_stop_with_the_loader_even_under_a_sigterm_handler(
         processes = loader._workers.processes
         loader.close()
         assert not any(process.is_alive() for process in processes)
+        # The per-source worker pool of `data prepare` and validation, closed early.
+        from data_pipeline.workers import WorkerJob, WorkerPool
+
+        pool = WorkerPool(WorkerJob(source, "train", 0, 0, 2.0, 0), tokenizer, 2)
+        next(iter(pool))
+        pool.close()
+        assert not any(process.is_alive() for process in pool.processes)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
