@@ -230,6 +230,7 @@ class ShardDocuments:
         return None
 
     def state_dict(self) -> dict[str, Any]:
+        """The position: epoch, and records and documents of this shard consumed in it."""
         return {
             "epoch": self.epoch,
             "records_consumed": self.records_consumed,
@@ -237,6 +238,7 @@ class ShardDocuments:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go back to a saved position; the epoch is replayed up to it on the next read."""
         self.epoch = int(state["epoch"])
         self.records_consumed = int(state["records_consumed"])
         self.docs_consumed = int(state["docs_consumed"])
@@ -277,6 +279,7 @@ class ShardGroup:
         return self.streams[shard].next_sequence()
 
     def state(self, shard: int) -> dict[str, Any]:
+        """`shard`'s state: its sources' positions, mixture counters and partial sequence."""
         return self.streams[shard].state_dict()
 
 
