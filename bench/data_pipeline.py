@@ -8,6 +8,9 @@ same text:
   - raw sentencepiece: `encode` over the texts already in memory, one call per document;
   - the streaming pipeline (read jsonl, check, tokenize, pack into seq_len + 1 sequences)
     with data.num_workers = 0 (in process), 1 and 2;
+  - the training loader over 8 logical shards (`ShardedBatchLoader`) for as many steps as
+    the corpus fills: one rank of one with 0 and 2 workers, and rank 0 of 4, which reads and
+    tokenizes only its quarter of the records and feeds a quarter of each global batch;
   - `data prepare` (the same work, written to memory-mapped shards), and training reads from
     those shards.
 Prints a Markdown table (for docs/BENCHMARKS.md) and one JSON line.
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences
+from data_pipeline.sharded import ShardedBatchLoader
 from data_pipeline.shards import prepare_shards
 from data_pipeline.sources import SkipCounter, stdlib_files
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
@@ -59,6 +63,28 @@ def time_pipeline(
     sequences = sum(1 for _ in stream)
     elapsed = time.perf_counter() - started
     return elapsed, sequences * config.seq_len
+
+
+def time_sharded_rank(
+    source: SourceConfig,
+    tokenizer: Tokenizer,
+    config: DataConfig,
+    world_size: int,
+    corpus_tokens: int,
+) -> tuple[float, int]:
+    """Rank 0's training loader (a global batch of 64 sequences) for as many
+    steps as the corpus fills: the tokens it feeds its own model replica, which it alone
+    reads and tokenizes (1/world_size of the records)."""
+    loader = ShardedBatchLoader(
+        [source], tokenizer, config, SkipCounter(False), 64, 64 // world_size, 0, world_size
+    )
+    steps = max(1, corpus_tokens // (64 * config.seq_len))
+    started = time.perf_counter()
+    for _ in range(steps):
+        loader.next_batch()
+    elapsed = time.perf_counter() - started
+    loader.close()
+    return elapsed, steps * (64 // world_size) * config.seq_len
 
 
 def time_rank_of_world(
@@ -110,6 +136,20 @@ def main() -> None:
             config = DataConfig(seq_len=args.seq_len, num_workers=workers)
             elapsed, tokens = time_pipeline(source, tokenizer, config)
             rows.append((f"pipeline read+tokenize+pack, {workers} workers", elapsed, tokens))
+
+        for workers, world_size in ((0, 1), (2, 1), (0, 4)):
+            # 8 shards of 8 sequences per step: a few MiB of stdlib files are only ~100-1000
+            # documents, and every shard needs some of them.
+            config = DataConfig(seq_len=args.seq_len, num_workers=workers, logical_shards=8)
+            elapsed, tokens = time_sharded_rank(source, tokenizer, config, world_size, raw_tokens)
+            rows.append(
+                (
+                    f"training loader, 8 logical shards, rank 0 of {world_size}, "
+                    f"{workers} workers (tokens fed to its replica)",
+                    elapsed,
+                    tokens,
+                )
+            )
 
         config = DataConfig(seq_len=args.seq_len, train=[source], validation=[])
         started = time.perf_counter()

@@ -71,7 +71,10 @@ class DataConfig:
     dedup: bool = False  # exact dedup by hash within each source's epoch
     max_doc_tokens: int = 0  # longer documents are bad input (0: no limit)
     mixture_schedule: list[MixturePhase] = field(default_factory=list)
-    num_workers: int = 0  # processes reading + tokenizing each streamed source (0: in process)
+    num_workers: int = 0  # processes per rank reading + tokenizing + packing (0: in process)
+    # Streaming training reads in V logical shards (0: one per sequence of the global batch);
+    # V must divide the global batch and the world size must divide V.
+    logical_shards: int = 0
     document_masking: bool = False  # attention stays within each packed document
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.logical_shards < 0:
+            raise ValueError(f"logical_shards: must be >= 0, got {self.logical_shards}")
         if self.max_doc_tokens < 0:
             raise ValueError(f"max_doc_tokens: must be >= 0, got {self.max_doc_tokens}")
         labels = [s.label for s in self.train]

@@ -2,7 +2,9 @@
 
 Every piece here has a `state_dict()` that pins the exact next token, and the state does not
 depend on the number of ranks: ranks take their slice of each *global* batch (see
-`GlobalBatchLoader`), so a checkpoint resumes exactly on any world size.
+`GlobalBatchLoader`), so a checkpoint resumes exactly on any world size. Training reads
+prepared shards this way; streamed sources are read by logical shard (`data_pipeline.sharded`),
+each shard a `PackedSequences` of its own records.
 """
 
 from __future__ import annotations
@@ -209,12 +211,16 @@ class PackedSequences:
         streams: Sequence[DocumentStream],
         seq_len: int,
         schedule: Sequence[MixturePhase] = (),
+        mixture_scale: int = 1,
     ) -> None:
         if not streams:
             raise DataError("no data sources")
         self.streams = list(streams)
         self.seq_len = seq_len
         self.schedule = list(schedule)
+        # This stream's share of the global token count (a logical shard draws 1/V of it):
+        # the schedule's `after_tokens` are global.
+        self.mixture_scale = mixture_scale
         self.shares = self._shares(-1)
         self.source_tokens = [0] * len(streams)
         # The mixture phase in force and the per-source token counts when it began: shares
@@ -236,7 +242,7 @@ class PackedSequences:
         return [w / total_weight for w in weights]
 
     def _update_phase(self) -> None:
-        total = sum(self.source_tokens)
+        total = sum(self.source_tokens) * self.mixture_scale
         phase = -1
         for index, entry in enumerate(self.schedule):
             if total >= entry.after_tokens:
@@ -419,6 +425,8 @@ class GlobalBatchLoader:
         self.rank = rank
         self.world_size = world_size
 
+    counts_are_local = False  # every rank counts the whole global stream
+
     @property
     def accumulation_steps(self) -> int:
         return self.global_batch_seqs // (self.micro_batch_size * self.world_size)
@@ -445,11 +453,23 @@ class GlobalBatchLoader:
             for chunk in mine.split(self.micro_batch_size)
         ]
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, gather: Any = None) -> dict[str, Any]:
+        """The stream's state; already global (`gather` is not needed)."""
         return self.sequences.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sources" not in state:
+            raise DataError(
+                "the checkpoint's data position is for streaming logical shards, not prepared "
+                "shards; resume with the same data setup"
+            )
         self.sequences.load_state_dict(state)
+
+    def tokens_by_source(self) -> dict[str, int]:
+        return self.sequences.tokens_by_source()
+
+    def close(self) -> None:
+        """Nothing runs in the background here (the interface of `ShardedBatchLoader`)."""
 
 
 def document_segments(inputs: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

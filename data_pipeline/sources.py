@@ -62,9 +62,9 @@ class Reader:
     """One reader of a source: records with global index i are read by reader i % count.
 
     Any set of readers {0..count-1} parses every record of an epoch exactly once, whatever the
-    number or sizes of the files (`Reader.of` numbers ranks x workers this way). Training uses
-    it for the worker processes of a rank (`data.num_workers`); the global mixture still needs
-    every document's length on every rank, which prepared shards give without reading tokens.
+    number or sizes of the files (`Reader.of` numbers ranks x workers this way). The worker
+    processes of one stream use it (`data.num_workers` in `data prepare` and validation);
+    streaming training reads by logical shard instead (`ShardSet`, `data_pipeline.sharded`).
     """
 
     index: int = 0
@@ -77,12 +77,52 @@ class Reader:
     @classmethod
     def of(cls, rank: int, world_size: int, worker: int = 0, num_workers: int = 0) -> Reader:
         """The reader of DataLoader `worker` (of `num_workers`, 0 = in process) on `rank`."""
-        per_rank = max(num_workers, 1)
-        return cls(rank * per_rank + worker, world_size * per_rank)
+        return cls(rank, world_size).split(worker, max(num_workers, 1))
 
     def owns(self, record_index: int) -> bool:
         """Whether record `record_index` of an epoch is this reader's to parse."""
         return record_index % self.count == self.index
+
+    @property
+    def counts_shared(self) -> bool:
+        """Whether problems every reader of a file meets (an unreadable file) are counted here:
+        by exactly one reader of the world, so the summed counts are exact."""
+        return self.index == 0
+
+    def split(self, part: int, parts: int) -> Reader:
+        """Part `part` of `parts` of this reader's records: its k-th record goes to part k % parts."""
+        return Reader(self.index + part * self.count, self.count * parts)
+
+
+@dataclass(frozen=True)
+class ShardSet(Reader):
+    """The records of a set of logical shards: record i belongs to shard i % count.
+
+    One pass over a source with a `ShardSet` parses the records of all its shards and no
+    others (`data_pipeline.sharded` hands them to each shard in order).
+    """
+
+    shards: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.shards or not all(0 <= s < self.count for s in self.shards):
+            raise ValueError(f"shards {sorted(self.shards)} out of range for {self.count} shards")
+
+    @classmethod
+    def from_shards(cls, shards: Iterable[int], count: int) -> ShardSet:
+        """The reader of `shards` among `count` logical shards."""
+        owned = frozenset(shards)
+        return cls(min(owned, default=0), count, owned)
+
+    def owns(self, record_index: int) -> bool:
+        return record_index % self.count in self.shards
+
+    @property
+    def counts_shared(self) -> bool:
+        return 0 in self.shards
+
+    def split(self, part: int, parts: int) -> Reader:
+        raise NotImplementedError("a shard set is split by handing out its shards")
 
 
 class DocumentFilter:
@@ -227,7 +267,7 @@ class _Cursor:
 def _skip_shared(where: str, reason: str, skips: SkipCounter, reader: Reader | None) -> None:
     """A problem every reader of a file meets: reader 0 alone counts it, so the world total is
     exact, but in strict mode every reader stops. `reader=None`: only this reader meets it."""
-    if skips.strict or reader is None or reader.index == 0:
+    if skips.strict or reader is None or reader.counts_shared:
         skips.skip(where, reason)
 
 
@@ -472,9 +512,39 @@ def iter_outcomes(
     at file level with (shuffle_seed, epoch), so each epoch has its own order and a resumed run
     can replay it exactly. With `reader`, only the records it owns are parsed and yielded.
     """
-    cursor = _Cursor(reader or Reader())
+    yield from _outcomes_at(
+        source, split, skips, epoch, shuffle_seed, validation_percent, _Cursor(reader or Reader())
+    )
+
+
+def iter_indexed_outcomes(
+    source: SourceConfig,
+    split: str,
+    skips: SkipCounter,
+    epoch: int,
+    shuffle_seed: int,
+    validation_percent: float,
+    reader: Reader,
+) -> Iterator[tuple[int, str, str | None]]:
+    """`iter_outcomes` with each record's index in the epoch: (index, where, text)."""
+    cursor = _Cursor(reader)
+    for where, text in _outcomes_at(
+        source, split, skips, epoch, shuffle_seed, validation_percent, cursor
+    ):
+        yield cursor.next_index - 1, where, text  # the record just taken
+
+
+def _outcomes_at(
+    source: SourceConfig,
+    split: str,
+    skips: SkipCounter,
+    epoch: int,
+    shuffle_seed: int,
+    validation_percent: float,
+    cursor: _Cursor,
+) -> Iterator[tuple[str, str | None]]:
     if source.path == BUILTIN_STDLIB:
-        counted = epoch == 0 and cursor.reader.index == 0  # files, not records: count once
+        counted = epoch == 0 and cursor.reader.counts_shared  # files, not records: count once
         files = stdlib_files(split, validation_percent, skips if counted else None)
         if split == "train":
             random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
@@ -490,7 +560,7 @@ def iter_outcomes(
         random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
     for file in files:
         if not os.access(file, os.R_OK):
-            if skips.strict or cursor.reader.index == 0:
+            if skips.strict or cursor.reader.counts_shared:
                 skips.skip(file, "unreadable file")
             continue
         suffix = _base_suffix(file)

@@ -10,7 +10,9 @@ where the order is global.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,9 +64,33 @@ class WorkerJob:
     send_texts: bool = True  # False when no filter needs them: good records carry "" instead
 
 
+def start_in_worker() -> None:
+    """Forked from a rank that may handle SIGTERM as "save and stop": a worker must just stop
+    (else `terminate()` would not end it)."""
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def put_while_parent_lives(out: mp.queues.Queue[Any], message: Any, parent: int) -> None:
+    """Send `message`, waiting while the queue is full; exit if the parent process is gone (a
+    rank killed hard must not leave its workers blocked forever, holding its pipes)."""
+    while True:
+        try:
+            out.put(message, timeout=1.0)
+            return
+        except queue.Full:
+            if os.getppid() != parent:
+                os._exit(0)
+
+
 def _worker_main(
-    job: WorkerJob, reader: Reader, tokenizer_files: dict[str, bytes], out: mp.queues.Queue[Any]
+    job: WorkerJob,
+    reader: Reader,
+    tokenizer_files: dict[str, bytes],
+    out: mp.queues.Queue[Any],
+    parent: int,
 ) -> None:
+    start_in_worker()
     try:
         tokenizer = Tokenizer.from_files(tokenizer_files)
         skips = _RecordingSkips()
@@ -87,13 +113,13 @@ def _worker_main(
                 pending_texts.append(len(batch) - 1)
             record += reader.count
             if len(batch) >= BATCH_RECORDS:
-                _send(batch, pending_texts, tokenizer, out, job.send_texts)
+                _send(batch, pending_texts, tokenizer, out, parent, job.send_texts)
                 batch, pending_texts = [], []
-        _send(batch, pending_texts, tokenizer, out, job.send_texts)
-        out.put(("end", skips.events))
+        _send(batch, pending_texts, tokenizer, out, parent, job.send_texts)
+        put_while_parent_lives(out, ("end", skips.events), parent)
     except Exception as exc:  # reported in the main process, which raises it
         message = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-        out.put(("error", message))
+        put_while_parent_lives(out, ("error", message), parent)
 
 
 def _send(
@@ -101,6 +127,7 @@ def _send(
     pending: list[int],
     tokenizer: Tokenizer,
     out: mp.queues.Queue[Any],
+    parent: int,
     send_texts: bool = True,
 ) -> None:
     if not batch:
@@ -111,7 +138,7 @@ def _send(
     if not send_texts:  # halves what crosses the process boundary
         for index in pending:
             batch[index].text = ""
-    out.put(("batch", batch))
+    put_while_parent_lives(out, ("batch", batch), parent)
 
 
 class WorkerPool:
@@ -123,7 +150,13 @@ class WorkerPool:
         self.processes = [
             context.Process(
                 target=_worker_main,
-                args=(job, Reader(w, num_workers), tokenizer.files(), self.queues[w]),
+                args=(
+                    job,
+                    Reader(w, num_workers),
+                    tokenizer.files(),
+                    self.queues[w],
+                    os.getpid(),
+                ),
                 daemon=True,
             )
             for w in range(num_workers)

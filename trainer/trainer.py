@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data_pipeline.errors import DataError
-from data_pipeline.packing import GlobalBatchLoader, build_packed_sequences, document_segments
+from data_pipeline.packing import build_packed_sequences, document_segments
+from data_pipeline.sharded import build_train_loader, gather_from_ranks, sum_counts
 from data_pipeline.sources import SkipCounter
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
 from model import build_model
@@ -217,11 +218,14 @@ class Trainer:
             self._snapshot_engine = async_checkpoint.SnapshotCheckpointEngine(self.engine._config)
             self.engine.checkpoint_engine = self._snapshot_engine
 
-        sequences = build_packed_sequences(
-            config.data.train, "train", self.tokenizer, config.data, self.skips, loop=True
-        )
-        self.loader = GlobalBatchLoader(
-            sequences, config.global_batch_seqs, micro, env.rank, env.world_size
+        self.loader = build_train_loader(
+            self.tokenizer,
+            config.data,
+            self.skips,
+            config.global_batch_seqs,
+            micro,
+            env.rank,
+            env.world_size,
         )
         self.peak_flops = current_device_peak_flops()
         self._maybe_resume()
@@ -363,6 +367,7 @@ class Trainer:
                 if self.step == first_step + 1:
                     set_collective_timeout(config.parallel.step_timeout_s)
                 tokens_per_s = tokens_per_step / elapsed
+                tokens_by_source, skipped_by_reason = self._data_counts()
                 record = {
                     "step": self.step,
                     "loss": result["loss"],
@@ -373,12 +378,12 @@ class Trainer:
                     "mfu": self._mfu(tokens_per_s),
                     "mem_gb": self._memory_gb(),
                     "data_wait_fraction": data_s / elapsed,
-                    "skipped_records": self.skips.total(),
+                    "skipped_records": sum(skipped_by_reason.values()),
                     "skipped_steps": int(self.engine.skipped_steps),
-                    "skipped_by_reason": dict(self.skips.counts),
+                    "skipped_by_reason": skipped_by_reason,
                     "rollbacks": self.rollbacks,
                     "rollback_skipped_batches": self.rollback_skipped_batches,
-                    "tokens_by_source": self.loader.sequences.tokens_by_source(),
+                    "tokens_by_source": tokens_by_source,
                     **{
                         k: v
                         for k, v in result.items()
@@ -424,6 +429,7 @@ class Trainer:
                 except Exception as exc:
                     logger.error("the in-flight checkpoint save failed too: %s", exc)
             self._restore_signal_handlers(previous_handlers)
+            self.loader.close()
             progress.close()
             if metrics is not None:
                 metrics.close()
@@ -458,6 +464,15 @@ class Trainer:
         if torch.cuda.is_available():
             return torch.cuda.max_memory_allocated() / 1e9
         return float(psutil.Process().memory_info().rss) / 1e9
+
+    def _data_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Tokens by source and skipped records by reason, over the world (a collective when
+        each rank reads only its own logical shards)."""
+        counts = (self.loader.tokens_by_source(), dict(self.skips.counts))
+        if not self.loader.counts_are_local:
+            return counts
+        parts = gather_from_ranks(counts)
+        return sum_counts([p[0] for p in parts]), sum_counts([p[1] for p in parts])
 
     # ---------------------------------------------------------------- eval
     def _eval_batches(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -531,12 +546,12 @@ class Trainer:
     def _saved(self, step: int) -> bool:
         return (self.checkpoint_root / ckpt.step_dir_name(step) / ckpt.MANIFEST).is_file()
 
-    def trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self, data_state: dict[str, Any], skipped: dict[str, int]) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "data": self.loader.state_dict(),
-            "skipped_records": dict(self.skips.counts),
+            "data": data_state,
+            "skipped_records": skipped,
             "loss_guard": self.guard.state_dict(),
             "rollback": {
                 "rollbacks": self.rollbacks,
@@ -566,9 +581,12 @@ class Trainer:
         barrier()
         self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         weights = self._consolidated_state_dict()
+        # Collectives: every rank's logical shards and skip counts.
+        data_state = self.loader.state_dict(gather_from_ranks)
+        _, skipped = self._data_counts()
         rng_state = ckpt.capture_rng_state()
         rng_file = tmp / "rng" / f"rank_{self.env.rank:05d}.pt"
-        trainer_state = json.dumps(self.trainer_state(), indent=1)
+        trainer_state = json.dumps(self.trainer_state(data_state, skipped), indent=1)
         if self._snapshot_engine is None:
             torch.save(rng_state, rng_file)
             barrier()
@@ -670,7 +688,8 @@ class Trainer:
         state = self._load_checkpoint(folder)
         self.tokens_seen = int(state["tokens_seen"])
         self.loader.load_state_dict(state["data"])
-        self.skips.counts.update(state.get("skipped_records", {}))
+        if self.env.is_main or not self.loader.counts_are_local:  # summed over ranks
+            self.skips.counts.update(state.get("skipped_records", {}))
         if "loss_guard" in state:
             self.guard.load_state_dict(state["loss_guard"])
         rollback = state.get("rollback", {})
