@@ -258,13 +258,10 @@ def test_import_finetune_generate_and_export_with_tokenizer_json(
     trainer = Trainer(job_config_from_dict(raw), detect_environment())
     trainer.setup()
     assert trainer.tokenizer.sha256 == source.sha256 and trainer.tokenizer.eos_id == eos
-    # Packed sequences overlap by one token (the last label is the next input's first).
-    stream = [
-        token
-        for inputs, _ in trainer.loader.next_batch()
-        for row in inputs.tolist()
-        for token in row
-    ]
+    # Row r of every global batch continues logical shard r's stream (inputs of consecutive
+    # sequences are consecutive tokens: the last label is the next input's first).
+    batches = [trainer.loader.next_batch() for _ in range(4)]
+    stream = [token for batch in batches for inputs, _ in batch[:1] for token in inputs[0].tolist()]
     # Whole documents between two EOS ids decode to documents of the corpus.
     documents = {json.loads(line)["text"] for line in (corpus / "train.jsonl").open()}
     segments = source.decode(stream).split("<|end_of_text|>")[1:-1]
