@@ -51,9 +51,9 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ({"parallel": {"zero_stage": 5}}, [], "parallel.zero_stage: must be 0, 1, 2 or 3"),
         ({"parallel": {"precision": "fp8"}}, [], "parallel.precision: must be one of"),
         (
-            {"parallel": {"expert_parallel": 2}},
+            {"parallel": {"expert_parallel": 0}},
             [],
-            "parallel.expert_parallel: 2 is not supported yet",
+            "parallel.expert_parallel: must be >= 1, got 0",
         ),
         ({"model": {"preset": "giant"}}, [], "model.preset: unknown preset 'giant'"),
         ({"model": {"dim": 100, "n_heads": 3}}, [], "model.dim: 100 is not divisible by n_heads=3"),
