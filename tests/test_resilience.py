@@ -81,6 +81,7 @@ def test_resume_on_two_ranks_is_bit_exact(stage: int, tmp_path: Path, corpus: Pa
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in expected]
+    assert not (tmp_path / "crashed/reshard").exists()  # same layout: DeepSpeed's native load
 
 
 def test_sigterm_saves_and_the_next_launch_continues(tmp_path: Path, corpus: Path) -> None:
@@ -225,23 +226,6 @@ def test_zero0_checkpoint_resumes_on_another_world_size(tmp_path: Path, corpus: 
         result = run(train_cmd(config, second))
         assert "resumed from" in result.stderr
         assert [r["loss"] for r in step_lines(tmp_path / name)] == pytest.approx(expected, rel=1e-5)
-
-
-def test_partitioned_checkpoint_on_another_world_size_is_refused(
-    tmp_path: Path, corpus: Path
-) -> None:
-    config = config_file(
-        tmp_path, corpus, "zero2", train={"max_steps": 2}, parallel={"zero_stage": 2}
-    )
-    run(train_cmd(config, 2))
-    raw = yaml.safe_load(config.read_text())
-    raw["train"]["max_steps"] = 4
-    config.write_text(yaml.safe_dump(raw))
-    result = run(train_cmd(config), expect=2)
-    assert (
-        "written by 2 ranks at ZeRO-2; resuming on 1 ranks at ZeRO-2 is supported only from ZeRO-0"
-        in result.stderr
-    )
 
 
 @pytest.mark.parametrize(("nproc", "stage"), [(1, 0), (2, 2)])

@@ -30,6 +30,7 @@ from model import build_model
 from model.flops import flops_per_token
 from model.transformer import Transformer
 from trainer import checkpoint as ckpt
+from trainer import reshard
 from trainer.config import JobConfig, write_config
 from trainer.config_io import ConfigError
 from trainer.deepspeed_config import build_deepspeed_config
@@ -183,8 +184,15 @@ class Trainer:
         parallelize(self.model, config.parallel)
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
 
+        # Before the engine exists: a checkpoint of another layout loads through a universal copy.
+        self.resume_from, self.universal_from = self._prepare_resume()
         self.ds_config = build_deepspeed_config(
-            config, micro, self.accumulation_steps, env.world_size, self.precision
+            config,
+            micro,
+            self.accumulation_steps,
+            env.world_size,
+            self.precision,
+            load_universal=self.universal_from is not None,
         )
         optimizer = build_optimizer(
             self.model, config.train, offload=config.parallel.offload == "cpu"
@@ -548,39 +556,71 @@ class Trainer:
             return dict(gathered) if gathered is not None else {}
         return dict(self.engine.module.state_dict())
 
-    def _maybe_resume(self) -> None:
+    def _prepare_resume(self) -> tuple[Path | None, Path | None]:
+        """(checkpoint to resume from, its universal copy when its layout differs from this run's).
+
+        Same world size and ZeRO stage (or ZeRO-0 on both sides) load natively. Otherwise rank 0
+        converts the checkpoint once (trainer/reshard.py) and every rank loads the copy.
+        """
         mode = self.config.checkpoint.resume
         if mode == "none":
-            return
+            return None, None
         folder = ckpt.find_resume_checkpoint(self.checkpoint_root) if mode == "auto" else Path(mode)
         if folder is None:
-            return
+            return None, None
         manifest = ckpt.verify_checkpoint(folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
-        saved_world, saved_stage = int(manifest["world_size"]), int(manifest["zero_stage"])
-        stage = self.config.parallel.zero_stage
-        # ZeRO-0 checkpoints hold the whole optimizer state in one file, so any world size can
-        # load them; ZeRO-1/2/3 partition it by rank and only the same layout reads back.
-        if (saved_stage, stage) != (0, 0) and (saved_world, saved_stage) != (
-            self.env.world_size,
-            stage,
-        ):
-            raise ckpt.CheckpointError(
-                f"{folder}: written by {saved_world} ranks at ZeRO-{saved_stage}; resuming on "
-                f"{self.env.world_size} ranks at ZeRO-{stage} is supported only from ZeRO-0 checkpoints "
-                "(or start a new run from its weights with model.init_from)"
+        layout = reshard.ResumeLayout(
+            saved_world_size=int(manifest["world_size"]),
+            saved_zero_stage=int(manifest["zero_stage"]),
+            world_size=self.env.world_size,
+            zero_stage=self.config.parallel.zero_stage,
+        )
+        if layout.native:
+            if self.env.is_main:
+                reshard.clear_cache(self.run_dir)
+            return folder, None
+        reshard.check_supported(folder, layout)
+        problem = ""
+        if self.env.is_main:
+            logger.info(
+                "%s: %s; loading it through DeepSpeed's universal layout", folder, layout.describe()
             )
+            try:
+                reshard.universal_checkpoint(folder, self.run_dir)
+            except ckpt.CheckpointError as exc:
+                problem = str(exc)
+        # Doubles as the barrier after the conversion; every rank learns whether it failed.
+        (failed,) = all_reduce_sum([1.0 if problem else 0.0], self.device)
+        if failed:
+            raise ckpt.CheckpointError(problem or f"{folder}: conversion failed on rank 0")
+        return folder, self.run_dir / reshard.RESHARD_DIR / reshard.cache_name(folder)
+
+    def _maybe_resume(self) -> None:
+        folder = self.resume_from
+        if folder is None:
+            return
+        state = json.loads((folder / "trainer_state.json").read_text())
+        load_dir = self.universal_from or folder
         load_path, _ = self.engine.load_checkpoint(
-            str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+            str(load_dir),
+            tag="deepspeed",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if load_path is None:
-            raise ckpt.CheckpointError(f"{folder / 'deepspeed'}: DeepSpeed could not load it")
+            raise ckpt.CheckpointError(f"{load_dir / 'deepspeed'}: DeepSpeed could not load it")
+        if self.universal_from is not None:
+            from safetensors.torch import load_file
+
+            reshard.restore_param_groups(self.optimizer, load_dir / "deepspeed")
+            reshard.restore_buffers(self.engine.module, load_file(folder / "model.safetensors"))
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.loader.load_state_dict(state["data"])
         self.skips.counts.update(state.get("skipped_records", {}))
         if "loss_guard" in state:
             self.guard.load_state_dict(state["loss_guard"])
+        # Each rank takes its own RNG state; ranks the checkpoint did not have take rank 0's.
         rng_file = folder / "rng" / f"rank_{self.env.rank:05d}.pt"
         if not rng_file.is_file():
             rng_file = folder / "rng" / "rank_00000.pt"
