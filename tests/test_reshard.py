@@ -83,13 +83,12 @@ def resume_elsewhere(
     config = config_file(tmp_path, corpus, name, **sections(stage, MODELS[model]))
     result = run(train_cmd(config, nproc))
     assert f"resumed from {saved}" in result.stderr
-    assert "universal layout" in result.stderr
+    assert "converting its optimizer state" in result.stderr
     # The published checkpoint was only read; the converted copy lives apart, once.
     assert (saved / ckpt.MANIFEST).read_bytes() == manifest_before
     ckpt.verify_checkpoint(saved)
-    assert [p.name for p in (tmp_path / name / reshard.RESHARD_DIR).iterdir()] == [
-        reshard.cache_name(saved)
-    ]
+    converted = [p.name for p in (tmp_path / name / reshard.RESHARD_DIR).iterdir()]
+    assert len(converted) == 1 and converted[0].startswith(f"{saved.name}-")
     lines = step_lines(tmp_path / name)
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
     return [r["loss"] for r in lines], result.stderr
@@ -152,14 +151,33 @@ def test_zero_stage_changes_on_resume(
     assert resumed[SAVED_AT:] == pytest.approx(losses(source)[SAVED_AT:], rel=1e-5)
 
 
-def test_zero0_to_partitioned_is_refused_with_one_line(
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("first", "first_stage", "second", "second_stage"), [(2, 0, 1, 3), (2, 1, 1, 0)]
+)
+def test_zero0_converts_to_and_from_partitioned(
+    first: int,
+    first_stage: int,
+    second: int,
+    second_stage: int,
+    reference: Reference,
+    tmp_path: Path,
+    corpus: Path,
+) -> None:
+    source = reference(first, first_stage)
+    resumed, _ = resume_elsewhere(tmp_path, corpus, source, second, second_stage)
+    assert resumed[SAVED_AT:] == pytest.approx(losses(source)[SAVED_AT:], rel=1e-5)
+
+
+def test_zero0_conversion_outside_fp32_is_refused_with_one_line(
     reference: Reference, tmp_path: Path, corpus: Path
 ) -> None:
     fork_at_checkpoint(reference(2, 1), tmp_path / "to_zero0")
     config = config_file(tmp_path, corpus, "to_zero0", **sections(0, None))
-    result = run(train_cmd(config, 1), expect=2)
+    result = run(train_cmd(config, 1, "--set", "parallel.precision=bf16"), expect=2)
     last = result.stderr.strip().splitlines()[-1]
     assert "written by 2 ranks at ZeRO-1, resuming on 1 ranks at ZeRO-0" in last
+    assert "only in fp32, not bf16" in last
     assert "Traceback" not in result.stderr
 
 
@@ -169,12 +187,19 @@ def test_damaged_or_partial_conversions_are_never_used(
     """The conversion itself runs in-process on a real 2-rank ZeRO-1 checkpoint."""
     saved = fork_at_checkpoint(reference(2, 1), tmp_path / "run")
     run_dir = tmp_path / "run"
+    layout = reshard.ResumeLayout(2, 1, "fp32", 1, 1, "fp32")
+    no_model = reshard.ModelLayout([], {})  # used only by conversions from or to ZeRO-0
+
+    def convert() -> Path:
+        return reshard.converted_checkpoint(saved, run_dir, layout, no_model)
+
     cache = run_dir / reshard.RESHARD_DIR
     # Leftovers of a conversion killed midway, and of an older checkpoint's conversion.
-    (cache / f"{ckpt.TMP_PREFIX}{reshard.cache_name(saved)}" / "deepspeed").mkdir(parents=True)
-    (cache / "step_00000002-0123456789abcdef").mkdir()
+    partial = cache / f"{ckpt.TMP_PREFIX}{reshard.cache_name(saved, layout)}" / "deepspeed"
+    partial.mkdir(parents=True)
+    (cache / "step_00000002-0123456789abcdef-universal").mkdir()
 
-    converted = reshard.universal_checkpoint(saved, run_dir)
+    converted = convert()
     assert [p.name for p in cache.iterdir()] == [converted.name]
     ckpt.verify_checkpoint(converted)
     fp32 = next(converted.rglob("zero/*/fp32.pt"))
@@ -182,16 +207,16 @@ def test_damaged_or_partial_conversions_are_never_used(
 
     fp32.write_bytes(good[:-8])  # damaged after the fact: detected and converted again
     with caplog.at_level("WARNING"):
-        again = reshard.universal_checkpoint(saved, run_dir)
+        again = convert()
     assert again == converted and "converting again" in caplog.text
     assert fp32.read_bytes() == good
     ckpt.verify_checkpoint(again)
 
     (converted / ckpt.MANIFEST).unlink()  # no manifest: incomplete, never used as it is
-    reshard.universal_checkpoint(saved, run_dir)
+    convert()
     ckpt.verify_checkpoint(converted)
 
     # A changed checkpoint has another manifest, hence another cache entry.
     other = fork_at_checkpoint(reference(2, 1), tmp_path / "other")
     (other / ckpt.MANIFEST).write_text((other / ckpt.MANIFEST).read_text() + " ")
-    assert reshard.cache_name(other) != reshard.cache_name(saved)
+    assert reshard.cache_name(other, layout) != reshard.cache_name(saved, layout)

@@ -1,16 +1,19 @@
-"""Resume a ZeRO checkpoint on another world size or ZeRO stage, optimizer state included.
+"""Resume a checkpoint on another world size or ZeRO stage, optimizer state included.
 
 A ZeRO-1/2/3 checkpoint stores each rank's slice of the flat fp32 master weights and Adam moments,
 so only the same layout reads it back natively. When the layout changes, rank 0 converts the
 DeepSpeed part once with DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`) into
 its "universal" layout (one file per parameter and state, whole tensors), and every rank loads it
 with `"checkpoint": {"load_universal": true}`: DeepSpeed cuts each rank's slice for the new layout.
+An fp32 ZeRO-0 checkpoint (whole weights and torch optimizer state) is written into the same
+layout directly; a ZeRO-0 run, which loads no universal checkpoint, gets a plain ZeRO-0 checkpoint
+rebuilt from the universal layout.
 
 The converted copy lives outside the published checkpoint, in
-`RUN_DIR/reshard/<step folder>-<hash of its manifest>/`, written under a `.tmp-` name, given a
-manifest (SHA-256 per file) and renamed into place only when complete; a cached copy is used
-only while it verifies, otherwise it is rebuilt. Only the newest conversion is kept, and none
-once a resume loads natively.
+`RUN_DIR/reshard/<step folder>-<hash of its manifest>-<target>/`, written under a `.tmp-` name,
+given a manifest (SHA-256 per file) and renamed into place only when complete; a cached copy is
+used only while it verifies, otherwise it is rebuilt. Only the newest conversion is kept, and
+none once a resume loads natively.
 
 Conversion runs at resume, not at save: a change of world size is rare, the converted copy is as
 large as the checkpoint, and same-layout resumes keep DeepSpeed's native (bit-exact) path.
@@ -47,8 +50,10 @@ class ResumeLayout:
 
     saved_world_size: int
     saved_zero_stage: int
+    saved_precision: str
     world_size: int
     zero_stage: int
+    precision: str
 
     @property
     def native(self) -> bool:
@@ -57,6 +62,12 @@ class ResumeLayout:
         same = (self.saved_world_size, self.saved_zero_stage) == (self.world_size, self.zero_stage)
         return same or (self.saved_zero_stage, self.zero_stage) == (0, 0)
 
+    @property
+    def target(self) -> str:
+        """What the conversion produces: DeepSpeed's universal layout for a ZeRO-1/2/3 engine,
+        or a plain ZeRO-0 checkpoint (a ZeRO-0 engine loads no universal checkpoint)."""
+        return "universal" if self.zero_stage else "zero0"
+
     def describe(self) -> str:
         return (
             f"written by {self.saved_world_size} ranks at ZeRO-{self.saved_zero_stage}, "
@@ -64,36 +75,49 @@ class ResumeLayout:
         )
 
 
-def check_supported(folder: Path, layout: ResumeLayout) -> None:
-    """Raise CheckpointError (one line) for the layout changes DeepSpeed cannot convert.
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a conversion from or to ZeRO-0 needs of the model: parameter names in the order of
+    the optimizer's groups (the torch optimizer's state is indexed by position), and shapes."""
 
-    ZeRO-0 keeps the torch optimizer's own state dict and a ZeRO-0 engine loads no universal
-    checkpoint, so only ZeRO-1/2/3 <-> ZeRO-1/2/3 changes are converted.
+    names_by_group: list[list[str]]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def check_supported(folder: Path, layout: ResumeLayout) -> None:
+    """Raise CheckpointError (one line) for the layout changes that are not converted.
+
+    At ZeRO-0 only fp32 keeps the torch optimizer's plain state (bf16/fp16 wrap it in
+    DeepSpeed's own mixed-precision optimizer), so conversions from or to ZeRO-0 need fp32.
     """
-    if layout.native:
+    if layout.native or 0 not in (layout.saved_zero_stage, layout.zero_stage):
         return
-    if 0 in (layout.saved_zero_stage, layout.zero_stage):
+    precision = layout.saved_precision if layout.saved_zero_stage == 0 else layout.precision
+    if precision != "fp32":
         raise ckpt.CheckpointError(
-            f"{folder}: {layout.describe()}: the optimizer state converts only between ZeRO "
-            "stages 1-3 (keep parallel.zero_stage and the world size of the checkpoint, or start "
-            "a new run from its weights with model.init_from)"
+            f"{folder}: {layout.describe()}: the optimizer state converts from or to ZeRO-0 only "
+            f"in fp32, not {precision} (keep parallel.zero_stage of the checkpoint, or start a "
+            "new run from its weights with model.init_from)"
         )
 
 
-def cache_name(folder: Path) -> str:
-    """`step_N-<first 16 hex of the manifest's SHA-256>`: the manifest hashes every file, so a
-    changed checkpoint never matches an old conversion."""
+def cache_name(folder: Path, layout: ResumeLayout) -> str:
+    """`step_N-<first 16 hex of the manifest's SHA-256>-<target>`: the manifest hashes every
+    file, so a changed checkpoint never matches an old conversion."""
     digest = hashlib.sha256((folder / ckpt.MANIFEST).read_bytes()).hexdigest()
-    return f"{folder.name}-{digest[:16]}"
+    return f"{folder.name}-{digest[:16]}-{layout.target}"
 
 
-def universal_checkpoint(folder: Path, run_dir: Path) -> Path:
-    """The verified universal copy of checkpoint `folder`, converting it if needed (rank 0 only).
+def converted_checkpoint(
+    folder: Path, run_dir: Path, layout: ResumeLayout, model: ModelLayout
+) -> Path:
+    """The verified converted copy of checkpoint `folder`, converting it if needed (rank 0).
 
-    Returns a folder whose `deepspeed/` holds DeepSpeed's universal layout.
+    Returns a folder whose `deepspeed/` this run's engine loads: the universal layout, or a
+    ZeRO-0 checkpoint when this run is at ZeRO-0.
     """
     cache_root = run_dir / RESHARD_DIR
-    target = cache_root / cache_name(folder)
+    target = cache_root / cache_name(folder, layout)
     if target.is_dir():
         try:
             ckpt.verify_checkpoint(target)
@@ -105,9 +129,20 @@ def universal_checkpoint(folder: Path, run_dir: Path) -> Path:
     _remove_others(cache_root, keep=None)
     tmp = cache_root / f"{ckpt.TMP_PREFIX}{target.name}"
     tmp.mkdir(parents=True)
-    logger.info("converting %s to DeepSpeed's universal layout in %s", folder, target)
-    convert_to_universal(folder / DEEPSPEED_TAG, tmp / DEEPSPEED_TAG)
-    complete_for_any_stage(tmp / DEEPSPEED_TAG)
+    logger.info("converting %s for %s in %s", folder, layout.describe(), target)
+    source = folder / DEEPSPEED_TAG
+    universal = tmp / DEEPSPEED_TAG if layout.zero_stage else tmp / "universal"
+    if layout.saved_zero_stage == 0:
+        zero0_to_universal(source, universal, model)
+    else:
+        convert_to_universal(source, universal)
+    complete_for_any_stage(universal)
+    if layout.zero_stage == 0:
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "model.safetensors")
+        universal_to_zero0(universal, tmp / DEEPSPEED_TAG, model, weights)
+        shutil.rmtree(universal)
     ckpt.write_manifest(tmp, {"source": str(folder), "source_name": folder.name})
     ckpt._fsync_tree(tmp)  # durable before it becomes visible, as for saves
     os.rename(tmp, target)
@@ -159,6 +194,97 @@ def convert_to_universal(deepspeed_folder: Path, output_folder: Path) -> None:
     logger.debug("ds_to_universal output:\n%s", report.getvalue())
 
 
+def zero0_to_universal(deepspeed_folder: Path, output_folder: Path, model: ModelLayout) -> None:
+    """Write the universal layout from an fp32 ZeRO-0 checkpoint, whose model-states file holds
+    the whole weights and the torch optimizer's state dict (indexed by position in the groups)."""
+    from deepspeed.checkpoint.constants import (
+        CAT_DIM,
+        DS_VERSION,
+        OPTIMIZER_STATE_DICT,
+        PARAM,
+        PARAM_GROUPS,
+    )
+
+    source_file = deepspeed_folder / MODEL_STATES_FILES[0]
+    source = torch.load(source_file, map_location="cpu", weights_only=False)  # verified
+    module, optimizer = source["module"], source["optimizer"]
+    groups = optimizer["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(names) for names in model.names_by_group]:
+        raise ckpt.CheckpointError(
+            f"{source_file}: its optimizer groups do not match this model's parameters"
+        )
+    zero = output_folder / "zero"
+    step = None
+    for group, names in zip(groups, model.names_by_group, strict=True):
+        for index, name in zip(group["params"], names, strict=True):
+            state = optimizer["state"].get(index)
+            if state is None or name not in module:
+                raise ckpt.CheckpointError(f"{source_file}: no optimizer state for {name}")
+            param_dir = zero / name
+            param_dir.mkdir(parents=True)
+            tensors = {
+                "fp32": module[name],
+                "exp_avg": state["exp_avg"],
+                "exp_avg_sq": state["exp_avg_sq"],
+            }
+            for key, tensor in tensors.items():
+                torch.save({PARAM: tensor.detach().float(), CAT_DIM: 0}, param_dir / f"{key}.pt")
+            torch.save(state["step"], param_dir / "step.pt")
+            step = state["step"]
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    torch.save(
+        {
+            DS_VERSION: source[DS_VERSION],
+            PARAM_GROUPS: settings,
+            OPTIMIZER_STATE_DICT: {"state": {0: {"step": step}}, PARAM_GROUPS: settings},
+        },
+        zero / "optimizer_state.pt",
+    )
+    shutil.copyfile(source_file, output_folder / MODEL_STATES_FILES[0])
+
+
+def universal_to_zero0(
+    universal_folder: Path, output_folder: Path, model: ModelLayout, weights: dict[str, Any]
+) -> None:
+    """Write an fp32 ZeRO-0 checkpoint (DeepSpeed's own format) from the universal layout:
+    the fp32 master weights as the module (buffers and tied aliases from the consolidated
+    `weights`) and a torch optimizer state dict in this model's group order."""
+    from deepspeed.checkpoint.constants import PARAM, PARAM_GROUPS
+
+    zero = universal_folder / "zero"
+
+    def tensor(name: str, key: str) -> torch.Tensor:
+        loaded = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+        value = loaded[PARAM] if isinstance(loaded, dict) else loaded
+        return value.float().reshape(model.shapes[name]).contiguous()
+
+    settings = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)[
+        PARAM_GROUPS
+    ]
+    module = dict(weights)
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    for group_settings, names in zip(settings, model.names_by_group, strict=True):
+        indices = []
+        for name in names:
+            module[name] = tensor(name, "fp32")
+            step = torch.load(zero / name / "step.pt", map_location="cpu", weights_only=False)
+            state[len(state)] = {
+                "step": step,
+                "exp_avg": tensor(name, "exp_avg"),
+                "exp_avg_sq": tensor(name, "exp_avg_sq"),
+            }
+            indices.append(len(state) - 1)
+        groups.append({**group_settings, "params": indices})
+    engine_state = torch.load(
+        universal_folder / MODEL_STATES_FILES[0], map_location="cpu", weights_only=False
+    )
+    engine_state["module"] = module
+    engine_state["optimizer"] = {"state": state, "param_groups": groups}
+    output_folder.mkdir(parents=True)
+    torch.save(engine_state, output_folder / MODEL_STATES_FILES[0])
+
+
 def complete_for_any_stage(universal_folder: Path) -> None:
     """Fill what DeepSpeed's converter leaves out when the ZeRO stage changes.
 
@@ -175,7 +301,7 @@ def complete_for_any_stage(universal_folder: Path) -> None:
     optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=False)
     step_files = sorted(zero.glob("*/step.pt"))
     if step_files:
-        step = torch.load(step_files[0], map_location="cpu", weights_only=True)
+        step = torch.load(step_files[0], map_location="cpu", weights_only=False)
     else:
         step = optimizer_state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
     for param_dir in (p for p in zero.iterdir() if p.is_dir()):

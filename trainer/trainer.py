@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import psutil
@@ -45,7 +45,7 @@ from trainer.distributed import (
 from trainer.hardware import current_device_peak_flops
 from trainer.health import LossGuard
 from trainer.metrics import MetricsLogger
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.parallelize import parallelize
 
 logger = logging.getLogger(__name__)
@@ -185,14 +185,14 @@ class Trainer:
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
 
         # Before the engine exists: a checkpoint of another layout loads through a universal copy.
-        self.resume_from, self.universal_from = self._prepare_resume()
+        self.resume_from, self.converted_from = self._prepare_resume()
         self.ds_config = build_deepspeed_config(
             config,
             micro,
             self.accumulation_steps,
             env.world_size,
             self.precision,
-            load_universal=self.universal_from is not None,
+            load_universal=self.converted_from is not None and config.parallel.zero_stage > 0,
         )
         optimizer = build_optimizer(
             self.model, config.train, offload=config.parallel.offload == "cpu"
@@ -557,7 +557,7 @@ class Trainer:
         return dict(self.engine.module.state_dict())
 
     def _prepare_resume(self) -> tuple[Path | None, Path | None]:
-        """(checkpoint to resume from, its universal copy when its layout differs from this run's).
+        """(checkpoint to resume from, its converted copy when its layout differs from this run's).
 
         Same world size and ZeRO stage (or ZeRO-0 on both sides) load natively. Otherwise rank 0
         converts the checkpoint once (trainer/reshard.py) and every rank loads the copy.
@@ -569,11 +569,14 @@ class Trainer:
         if folder is None:
             return None, None
         manifest = ckpt.verify_checkpoint(folder)
+        saved_state = json.loads((folder / "trainer_state.json").read_text())
         layout = reshard.ResumeLayout(
             saved_world_size=int(manifest["world_size"]),
             saved_zero_stage=int(manifest["zero_stage"]),
+            saved_precision=str(saved_state.get("precision", "fp32")),
             world_size=self.env.world_size,
             zero_stage=self.config.parallel.zero_stage,
+            precision=self.precision,
         )
         if layout.native:
             if self.env.is_main:
@@ -582,25 +585,35 @@ class Trainer:
         reshard.check_supported(folder, layout)
         problem = ""
         if self.env.is_main:
-            logger.info(
-                "%s: %s; loading it through DeepSpeed's universal layout", folder, layout.describe()
-            )
+            logger.info("%s: %s; converting its optimizer state", folder, layout.describe())
             try:
-                reshard.universal_checkpoint(folder, self.run_dir)
+                reshard.converted_checkpoint(folder, self.run_dir, layout, self._model_layout())
             except ckpt.CheckpointError as exc:
                 problem = str(exc)
         # Doubles as the barrier after the conversion; every rank learns whether it failed.
         (failed,) = all_reduce_sum([1.0 if problem else 0.0], self.device)
         if failed:
             raise ckpt.CheckpointError(problem or f"{folder}: conversion failed on rank 0")
-        return folder, self.run_dir / reshard.RESHARD_DIR / reshard.cache_name(folder)
+        return folder, self.run_dir / reshard.RESHARD_DIR / reshard.cache_name(folder, layout)
+
+    def _model_layout(self) -> reshard.ModelLayout:
+        """Parameter names in the optimizer's group order, and shapes (for ZeRO-0 conversions)."""
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        groups = param_groups(self.model, self.config.train.weight_decay)
+        return reshard.ModelLayout(
+            names_by_group=[
+                [names[id(p)] for p in cast(list[torch.nn.Parameter], group["params"])]
+                for group in groups
+            ],
+            shapes={name: tuple(p.shape) for name, p in self.model.named_parameters()},
+        )
 
     def _maybe_resume(self) -> None:
         folder = self.resume_from
         if folder is None:
             return
         state = json.loads((folder / "trainer_state.json").read_text())
-        load_dir = self.universal_from or folder
+        load_dir = self.converted_from or folder
         load_path, _ = self.engine.load_checkpoint(
             str(load_dir),
             tag="deepspeed",
@@ -609,7 +622,8 @@ class Trainer:
         )
         if load_path is None:
             raise ckpt.CheckpointError(f"{load_dir / 'deepspeed'}: DeepSpeed could not load it")
-        if self.universal_from is not None:
+        if self.converted_from is not None and self.config.parallel.zero_stage > 0:
+            # A universal load restores parameters only, and ZeRO-3 garbles the groups.
             from safetensors.torch import load_file
 
             reshard.restore_param_groups(self.optimizer, load_dir / "deepspeed")
