@@ -153,7 +153,7 @@ def test_zero_stage_changes_on_resume(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("first", "first_stage", "second", "second_stage"), [(2, 0, 1, 3), (2, 1, 1, 0)]
+    ("first", "first_stage", "second", "second_stage"), [(2, 0, 1, 3), (2, 1, 1, 0), (1, 3, 2, 0)]
 )
 def test_zero0_converts_to_and_from_partitioned(
     first: int,

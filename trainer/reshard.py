@@ -130,6 +130,25 @@ def converted_checkpoint(
     tmp = cache_root / f"{ckpt.TMP_PREFIX}{target.name}"
     tmp.mkdir(parents=True)
     logger.info("converting %s for %s in %s", folder, layout.describe(), target)
+    try:
+        _convert(folder, tmp, layout, model)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as exc:  # every rank must hear of it, as one line (details in the log)
+        logger.debug("conversion of %s failed", folder, exc_info=True)
+        raise ckpt.CheckpointError(
+            f"{folder}: converting it for {layout.describe()} failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    ckpt.write_manifest(tmp, {"source": str(folder), "source_name": folder.name})
+    ckpt._fsync_tree(tmp)  # durable before it becomes visible, as for saves
+    os.rename(tmp, target)
+    ckpt._fsync_tree_dir(cache_root)
+    return target
+
+
+def _convert(folder: Path, tmp: Path, layout: ResumeLayout, model: ModelLayout) -> None:
+    """Write the converted `deepspeed/` of checkpoint `folder` into `tmp`."""
     source = folder / DEEPSPEED_TAG
     universal = tmp / DEEPSPEED_TAG if layout.zero_stage else tmp / "universal"
     if layout.saved_zero_stage == 0:
@@ -143,11 +162,6 @@ def converted_checkpoint(
         weights = load_file(folder / "model.safetensors")
         universal_to_zero0(universal, tmp / DEEPSPEED_TAG, model, weights)
         shutil.rmtree(universal)
-    ckpt.write_manifest(tmp, {"source": str(folder), "source_name": folder.name})
-    ckpt._fsync_tree(tmp)  # durable before it becomes visible, as for saves
-    os.rename(tmp, target)
-    ckpt._fsync_tree_dir(cache_root)
-    return target
 
 
 def clear_cache(run_dir: Path) -> None:
@@ -288,12 +302,19 @@ def universal_to_zero0(
 def complete_for_any_stage(universal_folder: Path) -> None:
     """Fill what DeepSpeed's converter leaves out when the ZeRO stage changes.
 
-    A ZeRO-3 source gives no per-parameter `step.pt`, no `ds_version` and no
+    A ZeRO-3 source gives bare tensors where a ZeRO-1/2 engine reads `{"param": ...}`, and no
+    per-parameter `step.pt`, no `ds_version` and no
     `mp_rank_00_model_states.pt`, which a ZeRO-1/2 engine reads; a ZeRO-1/2 source gives no
     `optimizer_state_dict` (Adam's step and the parameter groups) and no ZeRO-3-named
     model-states file, which a ZeRO-3 engine reads. Each comes from what the other stage wrote.
     """
-    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
+    from deepspeed.checkpoint.constants import (
+        CAT_DIM,
+        DS_VERSION,
+        OPTIMIZER_STATE_DICT,
+        PARAM,
+        PARAM_GROUPS,
+    )
 
     zero = universal_folder / "zero"
     optimizer_file = zero / "optimizer_state.pt"
@@ -304,9 +325,15 @@ def complete_for_any_stage(universal_folder: Path) -> None:
         step = torch.load(step_files[0], map_location="cpu", weights_only=False)
     else:
         step = optimizer_state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
-    for param_dir in (p for p in zero.iterdir() if p.is_dir()):
+    # Parameters have Adam moments; the converter also writes buffers' values (fp32.pt only).
+    for param_dir in (p.parent for p in zero.glob("*/exp_avg.pt")):
         if not (param_dir / "step.pt").is_file():
             torch.save(step, param_dir / "step.pt")
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):  # ZeRO-3's are bare (flat) tensors
+            state_file = param_dir / f"{key}.pt"
+            value = torch.load(state_file, map_location="cpu", weights_only=True)
+            if torch.is_tensor(value):
+                torch.save({PARAM: value, CAT_DIM: 0}, state_file)
     if DS_VERSION not in optimizer_state:
         model_states = next(universal_folder.glob("*model_states.pt"))
         source = torch.load(model_states, map_location="cpu", weights_only=False)
