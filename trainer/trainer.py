@@ -184,7 +184,7 @@ class Trainer:
         parallelize(self.model, config.parallel)
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
 
-        # Before the engine exists: a checkpoint of another layout loads through a universal copy.
+        # Before the engine exists: a checkpoint of another layout loads through a converted copy.
         self.resume_from, self.converted_from = self._prepare_resume()
         self.ds_config = build_deepspeed_config(
             config,
