@@ -594,7 +594,10 @@ class Trainer:
         (failed,) = all_reduce_sum([1.0 if problem else 0.0], self.device)
         if failed:
             raise ckpt.CheckpointError(problem or f"{folder}: conversion failed on rank 0")
-        return folder, self.run_dir / reshard.RESHARD_DIR / reshard.cache_name(folder, layout)
+        converted = self.run_dir / reshard.RESHARD_DIR / reshard.cache_name(folder, layout)
+        if not self.env.is_main:  # read DeepSpeed's pickles only after their hashes match
+            ckpt.verify_checkpoint(converted)
+        return folder, converted
 
     def _model_layout(self) -> reshard.ModelLayout:
         """Parameter names in the optimizer's group order, and shapes (for ZeRO-0 conversions)."""
