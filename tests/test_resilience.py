@@ -156,6 +156,7 @@ def test_resume_is_bit_exact(
     assert (tmp_path / "resumed/checkpoints/latest").read_text().strip() == "step_00000012"
     result = run(train_cmd(config, nproc))
     assert "resumed from" in result.stderr
+    assert not (tmp_path / "resumed/reshard").exists()  # same layout: DeepSpeed's native load
     assert_same_run(straight_run(model, nproc, stage), tmp_path / "resumed")
 
 
@@ -344,23 +345,6 @@ def test_zero0_checkpoint_resumes_on_another_world_size(tmp_path: Path, corpus: 
         result = run(train_cmd(config, second))
         assert "resumed from" in result.stderr
         assert [r["loss"] for r in step_lines(tmp_path / name)] == pytest.approx(expected, rel=1e-5)
-
-
-def test_partitioned_checkpoint_on_another_world_size_is_refused(
-    tmp_path: Path, corpus: Path
-) -> None:
-    config = config_file(
-        tmp_path, corpus, "zero2", train={"max_steps": 2}, parallel={"zero_stage": 2}
-    )
-    run(train_cmd(config, 2))
-    raw = yaml.safe_load(config.read_text())
-    raw["train"]["max_steps"] = 4
-    config.write_text(yaml.safe_dump(raw))
-    result = run(train_cmd(config), expect=2)
-    assert (
-        "written by 2 ranks at ZeRO-2; resuming on 1 ranks at ZeRO-2 is supported only from ZeRO-0"
-        in result.stderr
-    )
 
 
 @pytest.mark.parametrize(("nproc", "stage"), [(1, 0), (2, 2)])

@@ -15,8 +15,10 @@ def build_deepspeed_config(
     accumulation_steps: int,
     world_size: int,
     precision: str,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
-    """DeepSpeed's config dict for this job on `world_size` ranks."""
+    """DeepSpeed's config dict for this job on `world_size` ranks; `load_universal` when resuming
+    from a checkpoint converted to DeepSpeed's universal layout (trainer/reshard.py)."""
     parallel = config.parallel
     overlap = (
         parallel.overlap_comm if parallel.overlap_comm is not None else torch.cuda.is_available()
@@ -49,4 +51,6 @@ def build_deepspeed_config(
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import psutil
@@ -30,7 +30,7 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
 from model import build_model
 from model.flops import flops_per_token
 from model.transformer import Transformer
-from trainer import async_checkpoint
+from trainer import async_checkpoint, reshard
 from trainer import checkpoint as ckpt
 from trainer.config import JobConfig, write_config
 from trainer.config_io import ConfigError
@@ -47,7 +47,7 @@ from trainer.expert_parallel import check_expert_parallel, update_router_biases
 from trainer.hardware import current_device_peak_flops
 from trainer.health import LossGuard
 from trainer.metrics import MetricsLogger
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.parallelize import parallelize
 
 logger = logging.getLogger(__name__)
@@ -199,8 +199,15 @@ class Trainer:
         parallelize(self.model, config.parallel)
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
 
+        # Before the engine exists: a checkpoint of another layout loads through a converted copy.
+        self.resume_from, self.converted_from = self._prepare_resume()
         self.ds_config = build_deepspeed_config(
-            config, micro, self.accumulation_steps, env.world_size, self.precision
+            config,
+            micro,
+            self.accumulation_steps,
+            env.world_size,
+            self.precision,
+            load_universal=self.converted_from is not None and config.parallel.zero_stage > 0,
         )
         optimizer = build_optimizer(
             self.model, config.train, offload=config.parallel.offload == "cpu"
@@ -678,11 +685,63 @@ class Trainer:
             return dict(gathered) if gathered is not None else {}
         return dict(self.engine.module.state_dict())
 
-    def _maybe_resume(self) -> None:
+    def _prepare_resume(self) -> tuple[Path | None, Path | None]:
+        """(checkpoint to resume from, its converted copy when its layout differs from this run's).
+
+        Same world size and ZeRO stage (or ZeRO-0 on both sides) load natively. Otherwise rank 0
+        converts the checkpoint once (trainer/reshard.py) and every rank loads the copy.
+        """
         mode = self.config.checkpoint.resume
         if mode == "none":
-            return
+            return None, None
         folder = ckpt.find_resume_checkpoint(self.checkpoint_root) if mode == "auto" else Path(mode)
+        if folder is None:
+            return None, None
+        manifest = ckpt.verify_checkpoint(folder)
+        saved_state = json.loads((folder / "trainer_state.json").read_text())
+        layout = reshard.ResumeLayout(
+            saved_world_size=int(manifest["world_size"]),
+            saved_zero_stage=int(manifest["zero_stage"]),
+            saved_precision=str(saved_state.get("precision", "fp32")),
+            world_size=self.env.world_size,
+            zero_stage=self.config.parallel.zero_stage,
+            precision=self.precision,
+        )
+        if layout.native:
+            if self.env.is_main:
+                reshard.clear_cache(self.run_dir)
+            return folder, None
+        reshard.check_supported(folder, layout)
+        problem = ""
+        if self.env.is_main:
+            logger.info("%s: %s; converting its optimizer state", folder, layout.describe())
+            try:
+                reshard.converted_checkpoint(folder, self.run_dir, layout, self._model_layout())
+            except ckpt.CheckpointError as exc:
+                problem = str(exc)
+        # Doubles as the barrier after the conversion; every rank learns whether it failed.
+        (failed,) = all_reduce_sum([1.0 if problem else 0.0], self.device)
+        if failed:
+            raise ckpt.CheckpointError(problem or f"{folder}: conversion failed on rank 0")
+        converted = self.run_dir / reshard.RESHARD_DIR / reshard.cache_name(folder, layout)
+        if not self.env.is_main:  # read DeepSpeed's pickles only after their hashes match
+            ckpt.verify_checkpoint(converted)
+        return folder, converted
+
+    def _model_layout(self) -> reshard.ModelLayout:
+        """Parameter names in the optimizer's group order, and shapes (for ZeRO-0 conversions)."""
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        groups = param_groups(self.model, self.config.train.weight_decay)
+        return reshard.ModelLayout(
+            names_by_group=[
+                [names[id(p)] for p in cast(list[torch.nn.Parameter], group["params"])]
+                for group in groups
+            ],
+            shapes={name: tuple(p.shape) for name, p in self.model.named_parameters()},
+        )
+
+    def _maybe_resume(self) -> None:
+        folder = self.resume_from
         if folder is None:
             return
         state = self._load_checkpoint(folder)
@@ -700,28 +759,41 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path) -> dict[str, Any]:
         """Model, optimizer, scheduler, step and this rank's RNG from `folder`; returns its
-        trainer state (data position and counters), which the caller applies as it needs."""
-        manifest = ckpt.verify_checkpoint(folder)
+        trainer state (data position and counters), which the caller applies as it needs.
+
+        The checkpoint this run resumed from is read through its converted copy when it was
+        written in another layout (`_prepare_resume`); any later one (a rollback target) was
+        written by this run and loads natively."""
+        if folder != self.resume_from:
+            ckpt.verify_checkpoint(folder)  # the resume checkpoint was verified when chosen
         state: dict[str, Any] = json.loads((folder / "trainer_state.json").read_text())
-        saved_world, saved_stage = int(manifest["world_size"]), int(manifest["zero_stage"])
-        stage = self.config.parallel.zero_stage
-        # ZeRO-0 checkpoints hold the whole optimizer state in one file, so any world size can
-        # load them; ZeRO-1/2/3 partition it by rank and only the same layout reads back.
-        if (saved_stage, stage) != (0, 0) and (saved_world, saved_stage) != (
-            self.env.world_size,
-            stage,
-        ):
-            raise ckpt.CheckpointError(
-                f"{folder}: written by {saved_world} ranks at ZeRO-{saved_stage}; resuming on "
-                f"{self.env.world_size} ranks at ZeRO-{stage} is supported only from ZeRO-0 checkpoints "
-                "(or start a new run from its weights with model.init_from)"
-            )
-        load_path, _ = self.engine.load_checkpoint(
-            str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+        converted = self.converted_from if folder == self.resume_from else None
+        load_dir = converted or folder
+        universal = converted is not None and self.config.parallel.zero_stage > 0
+        ds_config = self.engine._config
+        configured, ds_config.load_universal_checkpoint = (
+            ds_config.load_universal_checkpoint,
+            universal,
         )
+        try:
+            load_path, _ = self.engine.load_checkpoint(
+                str(load_dir),
+                tag="deepspeed",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        finally:
+            ds_config.load_universal_checkpoint = configured
         if load_path is None:
-            raise ckpt.CheckpointError(f"{folder / 'deepspeed'}: DeepSpeed could not load it")
+            raise ckpt.CheckpointError(f"{load_dir / 'deepspeed'}: DeepSpeed could not load it")
+        if universal:
+            # A universal load restores parameters only, and ZeRO-3 garbles the groups.
+            from safetensors.torch import load_file
+
+            reshard.restore_param_groups(self.optimizer, load_dir / "deepspeed")
+            reshard.restore_buffers(self.engine.module, load_file(folder / "model.safetensors"))
         self.step = int(state["step"])
+        # Each rank takes its own RNG state; ranks the checkpoint did not have take rank 0's.
         rng_file = folder / "rng" / f"rank_{self.env.rank:05d}.pt"
         if not rng_file.is_file():
             rng_file = folder / "rng" / "rank_00000.pt"
