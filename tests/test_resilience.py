@@ -135,7 +135,8 @@ def assert_same_run(expected: Path, resumed: Path) -> None:
     ("model", "nproc", "stage"),
     [
         pytest.param("tiny", 1, 0, marks=pytest.mark.slow),  # test_training covers 1 rank
-        ("tiny", 2, 2),
+        # tiny-moe on 2 ranks covers the 2-rank path in CI (test_distributed the dense model).
+        pytest.param("tiny", 2, 2, marks=pytest.mark.slow),
         pytest.param("tiny", 2, 3, marks=pytest.mark.slow),
         ("tiny-moe", 1, 0),
         ("tiny-moe", 2, 2),
@@ -192,7 +193,7 @@ def test_async_save_resumes_bit_exactly(
     assert all(f"rng/rank_{rank:05d}.pt" in manifest["files"] for rank in range(nproc))
 
 
-@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("async_save", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_sigterm_saves_and_the_next_launch_continues(
     async_save: bool, tmp_path: Path, corpus: Path
 ) -> None:
@@ -332,6 +333,7 @@ def test_sigkill_during_saves_never_exposes_an_incomplete_checkpoint(
     assert resumed_steps == sorted(resumed_steps) and resumed_steps[-1] > resumed_steps[0]
 
 
+@pytest.mark.slow  # tests/test_reshard.py covers world-size changes in CI
 def test_zero0_checkpoint_resumes_on_another_world_size(tmp_path: Path, corpus: Path) -> None:
     """1 -> 2 and 2 -> 1 ranks: the losses after resume equal the uninterrupted run's."""
     straight = config_file(tmp_path, corpus, "ws_straight", train={"max_steps": 8})
