@@ -33,7 +33,12 @@ from data_pipeline.errors import DataError
 from data_pipeline.packing import GlobalBatchLoader, PackedSequences, build_packed_sequences
 from data_pipeline.sources import DocumentFilter, ShardSet, SkipCounter, iter_indexed_outcomes
 from data_pipeline.tokenizer import Tokenizer
-from data_pipeline.workers import _RecordingSkips, put_while_parent_lives, start_in_worker
+from data_pipeline.workers import (
+    _RecordingSkips,
+    put_while_parent_lives,
+    start_in_worker,
+    stop_workers,
+)
 
 STATE_FORMAT = "logical_shards"
 QUEUE_ROUNDS = 4  # global batches a worker may run ahead of the training loop
@@ -407,14 +412,7 @@ class _WorkerShards:
         return parts
 
     def close(self) -> None:
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes:
-            process.join(timeout=5.0)
-        for q in self.queues:
-            q.close()
-            q.cancel_join_thread()
+        stop_workers(self.processes, self.queues)
 
 
 Gather = Callable[[Any], list[Any]]

@@ -206,11 +206,16 @@ class WorkerPool:
             self.close()
 
     def close(self) -> None:
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes:
-            process.join(timeout=5.0)
-        for q in self.queues:
-            q.close()
-            q.cancel_join_thread()
+        stop_workers(self.processes, self.queues)
+
+
+def stop_workers(processes: list[Any], queues: list[Any]) -> None:
+    """Terminate worker processes, reap them, and drop their queues without waiting to flush."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5.0)
+    for q in queues:
+        q.close()
+        q.cancel_join_thread()

@@ -49,6 +49,20 @@ def write_corpus(
     return paths[0], paths[1]
 
 
+# A 2-layer tiny-moe shape (4 experts, top-2) whose steps take milliseconds.
+TINY_MOE_MODEL: dict[str, Any] = {
+    "preset": "tiny-moe",
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "max_seq_len": 128,
+    "n_experts": 4,
+    "top_k": 2,
+    "moe_ffn_hidden_dim": 64,
+}
+
+
 def small_config(run_dir: Path, corpus: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A raw config for a 2-layer model on the synthetic corpus; steps take milliseconds."""
     train_file, validation_file = corpus / "train.jsonl", corpus / "validation.jsonl"

@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 from model import build_model
 from model.config import ModelConfig
 from model.moe.layer import MoEFeedForward
+from tests.helpers import TINY_MOE_MODEL as TINY_MOE
 from tests.helpers import read_metrics, small_config
 from tests.test_distributed import BIN, ROOT, rank_env, run, torchrun
 from tests.test_moe import moe_config
-from tests.test_moe_training import MOE_MODEL as TINY_MOE
 from trainer.expert_parallel import (
     AllToAllDispatcher,
     apply_expert_parallel,

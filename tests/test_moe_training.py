@@ -7,20 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import TINY_MOE_MODEL as MOE_MODEL
 from tests.helpers import read_metrics, small_config
 from tests.test_training import ROOT, train_in_subprocess
-
-MOE_MODEL = {
-    "preset": "tiny-moe",
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "max_seq_len": 128,
-    "n_experts": 4,
-    "top_k": 2,
-    "moe_ffn_hidden_dim": 64,
-}
 
 
 def test_tiny_moe_trains_through_the_cli_and_logs_expert_load(tmp_path: Path, corpus: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_moe_training import MOE_MODEL
+from tests.helpers import TINY_MOE_MODEL as MOE_MODEL
 from tests.test_resilience import config_file, run, step_lines, train_cmd
 from trainer import checkpoint as ckpt
 from trainer import reshard

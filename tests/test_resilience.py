@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import TINY_MOE_MODEL as TINY_MOE
 from tests.helpers import read_metrics, small_config
 from trainer import checkpoint as ckpt
 
@@ -71,16 +72,8 @@ def step_lines(run_dir: Path) -> list[dict]:
 
 
 MOE_MODEL = {
-    "preset": "tiny-moe",
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "max_seq_len": 128,
-    "n_experts": 4,
-    "top_k": 2,
-    "moe_ffn_hidden_dim": 64,
-    "aux_free_bias_update_rate": 0.01,  # the router's bias and pending load must resume too
+    **TINY_MOE,
+    "aux_free_bias_update_rate": 0.01,  # the router's bias must resume too
 }
 MODELS = {"tiny": {}, "tiny-moe": MOE_MODEL}
 
