@@ -1,0 +1,1 @@
+"""Training objectives: one per stage, all driven by the same loop."""
