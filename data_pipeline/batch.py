@@ -8,7 +8,7 @@ derives document ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -60,13 +60,19 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on `device` (non-blocking where the source is pinned)."""
-        moved = {}
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, torch.Tensor):
-                moved[item.name] = value.to(device, non_blocking=True)
-        extras = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
-        return replace(self, **moved, extras=extras)
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            labels=self.labels.to(device, non_blocking=True),
+            doc_ids=move(self.doc_ids),
+            positions=move(self.positions),
+            pad_mask=move(self.pad_mask),
+            extras={k: v.to(device, non_blocking=True) for k, v in self.extras.items()},
+        )
 
 
 def causal_lm_batch(

@@ -105,7 +105,27 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens (B, T).
+        """Logits (B, T, vocab) for tokens (B, T); arguments as for `hidden_states`."""
+        hidden = self.hidden_states(tokens, positions, kv_cache, start_pos, doc_ids)
+        return F.linear(hidden, self.output_weight)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection (vocab, dim): the embedding matrix when they are tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, T, dim) for tokens (B, T), before the output head.
+
+        Losses that never materialise the full logits (chunked cross-entropy) and scalar heads
+        (reward models) start from here.
 
         positions (B, T) are the RoPE positions, by default start_pos + arange (or the position
         inside each document when `doc_ids` is given and `reset_positions_per_document` is set).
@@ -136,10 +156,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, kv_cache, start_pos, mask)
-        h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+        return self.norm(h)
 
     def moe_layers(self) -> dict[int, MoEFeedForward]:
         """The MoE feed-forwards by block index (empty for a dense model)."""

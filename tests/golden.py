@@ -2,6 +2,11 @@
 
 `make golden` (python -m tests.golden --write) regenerates tests/assets/golden_tiny_fp32.json;
 do that only for an intended numerics change, and say so in the commit.
+
+What it guarantees: the run uses one intra-op thread, so its sums are taken in one order on any
+core count. The BLAS kernels still depend on the CPU's instruction set and the torch build,
+so the file records those (`fingerprint`); on a matching machine the test demands equal losses
+bit for bit, elsewhere equality within 1e-5 relative (code changes move losses by more).
 """
 
 from __future__ import annotations
@@ -28,15 +33,29 @@ def golden_config(workdir: Path) -> dict[str, Any]:
     return config
 
 
+def fingerprint() -> dict[str, str]:
+    """What besides the code decides the golden losses: the torch build and the CPU kernels."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def run_golden(workdir: Path) -> list[float]:
-    """Train the golden config in this process; return the per-step losses."""
+    """Train the golden config in this process on one thread; return the per-step losses."""
+    import torch
+
     from launch.environment import detect_environment
     from trainer.config import job_config_from_dict
     from trainer.trainer import Trainer
 
-    trainer = Trainer(job_config_from_dict(golden_config(workdir)), detect_environment())
-    trainer.setup()
-    trainer.fit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(job_config_from_dict(golden_config(workdir)), detect_environment())
+        trainer.setup()
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
     train_lines, _ = read_metrics(workdir / "run")
     return [line["loss"] for line in train_lines]
 
@@ -50,7 +69,10 @@ def main() -> None:
     print(json.dumps(losses, indent=1))
     if args.write:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps({"steps": STEPS, "losses": losses}, indent=1) + "\n")
+        GOLDEN.write_text(
+            json.dumps({"steps": STEPS, "fingerprint": fingerprint(), "losses": losses}, indent=1)
+            + "\n"
+        )
         print(f"wrote {GOLDEN}")
 
 

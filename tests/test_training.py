@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tests.golden import GOLDEN, run_golden
+from tests.golden import GOLDEN, fingerprint, run_golden
 from tests.helpers import read_metrics, small_config
 from trainer import checkpoint as ckpt
 from trainer.inference import load_checkpoint_model
@@ -174,12 +175,15 @@ def test_generate_and_eval_commands(
 
 
 def test_golden_loss_curve(tmp_path: Path) -> None:
-    expected = json.loads(GOLDEN.read_text())["losses"]
+    golden = json.loads(GOLDEN.read_text())
+    expected = golden["losses"]
     losses = run_golden(tmp_path)
     assert len(losses) == len(expected) == 20
-    assert losses == expected, (
-        "numerics changed; if intended, run `make golden` and say why in the commit"
-    )
+    message = "numerics changed; if intended, run `make golden` and say why in the commit"
+    if golden.get("fingerprint") == fingerprint():
+        assert losses == expected, message
+    else:  # other CPU kernels or torch build: see tests/golden.py for what is guaranteed
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0, msg=message)
 
 
 def test_document_masking_run_and_metrics_by_source(tmp_path: Path, corpus: Path) -> None:

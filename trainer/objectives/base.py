@@ -76,3 +76,4 @@ class Objective(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict() returned."""
+        del state  # stateless by default
