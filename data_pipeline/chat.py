@@ -318,7 +318,11 @@ def _tokens_within(
     inside = []
     lead = ""
     for index, (a, b) in enumerate(offsets):
-        if b <= a or b > end or b <= start:
+        if a == b:  # a byte-fallback piece before the last byte of its character
+            if start <= a < end:
+                inside.append(index)
+            continue
+        if b > end or b <= start:
             continue
         if a < start:
             if not text[a:start].isspace():

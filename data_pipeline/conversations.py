@@ -45,7 +45,7 @@ class RecordError(ValueError):
     """Why a record cannot be trained on (the reason counted in the skip counters)."""
 
 
-def detect_format(record: dict[str, Any]) -> str:
+def detect_format(record: dict[str, Any], text_field: str = "text") -> str:
     """The record format its fields imply."""
     if "messages" in record:
         return "messages"
@@ -53,7 +53,7 @@ def detect_format(record: dict[str, Any]) -> str:
         return "sharegpt"
     if "prompt" in record or "completion" in record:
         return "prompt_completion"
-    if "text" in record:
+    if text_field in record:
         return "text"
     raise RecordError("no messages, conversations, prompt/completion or text field")
 
@@ -77,16 +77,19 @@ def _checked_messages(value: Any, field: str) -> list[dict[str, str]]:
     return messages
 
 
-def record_messages(record: dict[str, Any], format: str | None = None) -> list[dict[str, str]]:
+def record_messages(
+    record: dict[str, Any], format: str | None = None, text_field: str = "text"
+) -> list[dict[str, str]]:
     """The conversation of a record as [{role, content}]; RecordError names what is wrong.
 
-    A `text` record comes back as one message of role "text" (trained on every token).
+    A `text` record (its `text_field`) comes back as one message of role "text", trained on
+    every token.
     """
-    format = format or detect_format(record)
+    format = format or detect_format(record, text_field)
     if format == "text":
-        text = record.get("text")
+        text = record.get(text_field)
         if not isinstance(text, str):
-            raise RecordError("field 'text' is missing or not a string")
+            raise RecordError(f"field '{text_field}' is missing or not a string")
         if not text.strip():
             raise RecordError("empty document")
         return [{"role": "text", "content": text}]
@@ -192,7 +195,7 @@ def build_sft_dataset(
             if record is None:
                 continue  # already counted (malformed JSON, unreadable file, ...)
             try:
-                messages = record_messages(record, source.format)
+                messages = record_messages(record, source.format, source.text_field)
                 tokens = tokenize_record(messages, template, config.train_on, where)
                 fitted = fit_to_length(tokens, seq_len, config.truncation)
             except (RecordError, MaskError) as exc:

@@ -275,6 +275,11 @@ def test_chatml_on_sentencepiece_adds_chat_tokens(caplog: pytest.LogCaptureFixtu
     assert extended.decode(trained) == "".join(
         m["content"] + "<|im_end|>" for m in TURNS if m["role"] == "assistant"
     )
+    # Characters outside the vocabulary are byte-fallback pieces, zero-width in the offsets.
+    unicode = [TURNS[0], {"role": "assistant", "content": "Oui: 日本語 ½ 🙂"}]
+    tokens = template.tokenize(unicode)
+    trained = [i for i, t in zip(tokens.ids, tokens.trained, strict=True) if t]
+    assert len(trained) > 10 and extended.decode(trained) == "Oui: 日本語 ½ 🙂<|im_end|>"
     # Nothing to add a second time.
     assert add_special_tokens(extended, ["<|im_start|>", "<|im_end|>"]) == (extended, [])
 
