@@ -19,7 +19,7 @@ import bisect
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -167,10 +167,17 @@ def fit_to_length(
 
 @dataclass
 class SFTDataset:
-    """The tokenized conversations of a split, in source order."""
+    """The tokenized conversations of a split, in source order.
+
+    `source_of[i]` is the index (in `weights`) of the source conversation i came from; the
+    weights say how many times per epoch each source is seen (see `epoch_order`). Empty:
+    one source of weight 1.
+    """
 
     conversations: list[TokenizedConversation]
     skips: SkipCounter
+    source_of: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -188,7 +195,8 @@ def build_sft_dataset(
     """Read, check and tokenize every record of `sources` (bad ones counted or raised)."""
     skips = SkipCounter(strict)
     conversations = []
-    for source in sources:
+    source_of = []
+    for source_index, source in enumerate(sources):
         for where, record in iter_record_outcomes(
             source, split, skips, validation_percent=validation_percent
         ):
@@ -205,6 +213,7 @@ def build_sft_dataset(
                 skips.drop(f"{config.truncation}: longer than data.seq_len")
                 continue
             conversations.append(fitted)
+            source_of.append(source_index)
     if skips.total():
         logger.warning(
             "sft %s data: %d records skipped (%s)",
@@ -212,7 +221,7 @@ def build_sft_dataset(
             skips.total(),
             ", ".join(f"{reason}: {n}" for reason, n in sorted(skips.counts.items())),
         )
-    return SFTDataset(conversations, skips)
+    return SFTDataset(conversations, skips, source_of, [s.weight for s in sources])
 
 
 def pack_best_fit(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
@@ -238,16 +247,47 @@ def pack_best_fit(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
+def epoch_order(
+    source_of: Sequence[int], weights: Sequence[float], rng: random.Random
+) -> list[int]:
+    """The conversations of one epoch, shuffled: a source of weight w is seen w times per
+    epoch, its integer part as whole copies and its fraction as a sample drawn anew each epoch
+    (weight 2: twice; 0.25: a different quarter each epoch)."""
+    members: dict[int, list[int]] = {}
+    for index, source in enumerate(source_of):
+        members.setdefault(source, []).append(index)
+    order: list[int] = []
+    for source, indices in sorted(members.items()):
+        weight = weights[source]
+        copies = int(weight)
+        order.extend(indices * copies)
+        extra = round((weight - copies) * len(indices))
+        order.extend(sorted(rng.sample(indices, extra)))
+    rng.shuffle(order)
+    return order
+
+
 def epoch_rows(
-    lengths: Sequence[int], seq_len: int, seed: int, epoch: int, packing: bool, buffer: int
+    lengths: Sequence[int],
+    seq_len: int,
+    seed: int,
+    epoch: int,
+    packing: bool,
+    buffer: int,
+    source_of: Sequence[int] = (),
+    weights: Sequence[float] = (),
 ) -> list[list[int]]:
     """The rows of an epoch as lists of conversation indices.
 
-    Conversations are shuffled with (seed, epoch); with packing, each run of `buffer` of them
-    is packed by best-fit decreasing and its rows shuffled, so long and short rows mix."""
+    Conversations are drawn by `epoch_order` (each once when no sources/weights are given) and
+    shuffled with (seed, epoch); with packing, each run of `buffer` of them is packed by
+    best-fit decreasing and its rows shuffled, so long and short rows mix."""
     rng = random.Random(f"sft:{seed}:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+    if source_of:
+        order = epoch_order(source_of, weights, rng)
+    else:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
     if not packing:
         return [[i] for i in order]
     rows: list[list[int]] = []
@@ -373,6 +413,8 @@ class SFTLoader:
                 epoch,
                 self.config.packing,
                 self.config.pack_buffer,
+                self.dataset.source_of,
+                self.dataset.weights,
             )
             self._rows = (epoch, rows)
         return self._rows[1]

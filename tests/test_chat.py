@@ -343,3 +343,16 @@ def test_hf_import_export_keeps_the_chat_template(tmp_path: Path) -> None:
         assert text == template.render_text(messages, True)
         ids = _ids(theirs.apply_chat_template(messages, add_generation_prompt=True))
         assert ids == ours.encode(text)
+
+
+def test_train_on_all_trains_every_token_after_the_first(tmp_path: Path) -> None:
+    folder = build_folder("llama3", tmp_path / "llama3")
+    ours = HFTokenizer.from_file(folder / "tokenizer.json")
+    template = ChatTemplate(LLAMA3, ours)
+    everything = template.tokenize([SYSTEM, *TURNS], "all")
+    assistant = template.tokenize([SYSTEM, *TURNS], "assistant")
+    assert everything.ids == assistant.ids
+    assert everything.trained == [False] + [True] * (len(everything.ids) - 1)
+    assert 0 < assistant.num_trained < everything.num_trained
+    with pytest.raises(ValueError, match="train_on"):
+        template.tokenize(TURNS, "users")

@@ -375,3 +375,25 @@ def test_stdlib_instruct_is_deterministic_with_a_held_out_split(template: ChatTe
     assert assistant["content"] and "\n\n" not in assistant["content"]
     with pytest.raises(DataError, match="post-training"):
         next(iter_outcomes(source, "train", skips))  # not a text corpus for pretraining
+
+
+def test_source_weights_set_how_often_each_source_is_seen(
+    tmp_path: Path, template: ChatTemplate
+) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [conversation(i) for i in range(8)])
+    b = write_jsonl(tmp_path / "b.jsonl", [conversation(i) for i in range(8, 16)])
+    sources = [SourceConfig(str(a), weight=2.0), SourceConfig(str(b), weight=0.25)]
+    dataset = build_sft_dataset(sources, "train", template, SFTConfig(), 128)
+    assert dataset.source_of == [0] * 8 + [1] * 8
+    lengths = [len(c) for c in dataset.conversations]
+    seen = []
+    for epoch in range(2):
+        rows = epoch_rows(lengths, 128, 0, epoch, True, 64, dataset.source_of, dataset.weights)
+        drawn = sorted(i for row in rows for i in row)
+        assert drawn[:16] == sorted(list(range(8)) * 2)  # source a: twice
+        assert len(drawn) == 18 and all(i >= 8 for i in drawn[16:])  # b: a quarter
+        seen.append(drawn[16:])
+        assert rows == epoch_rows(
+            lengths, 128, 0, epoch, True, 64, dataset.source_of, dataset.weights
+        )
+    assert seen[0] != seen[1]  # a different quarter of b each epoch
