@@ -663,6 +663,9 @@ def iter_documents(
         yield text
 
 
+_TEST_FOLDERS = {"test", "tests", "idle_test"}
+
+
 def _first_paragraph(docstring: str) -> str:
     return docstring.strip().split("\n\n")[0].strip()
 
@@ -680,6 +683,8 @@ def stdlib_instructions(
     import ast
 
     for file in stdlib_files(split, validation_percent):
+        if _TEST_FOLDERS & set(Path(file).parts):
+            continue  # test suites: large files with few documented public functions
         try:
             tree = ast.parse(Path(file).read_text(encoding="utf-8"))
         except (SyntaxError, ValueError, OSError):
