@@ -284,6 +284,26 @@ def test_peft_loads_our_adapter_on_the_exported_base(tmp_path: Path) -> None:
         torch.testing.assert_close(merged(batch).logits, expected, atol=1e-4, rtol=0)
 
 
+def test_moe_attention_and_head_adapters_export_for_peft(tmp_path: Path) -> None:
+    config = ModelConfig(**{**MOE.__dict__, "n_shared_experts": 0, "qk_norm": True})
+    model = build_model(config, seed=0).eval()
+    save_model_as_hf(model, tmp_path / "base", "Qwen3MoeForCausalLM")
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "o_proj", "lm_head"])
+    apply_lora(model, lora)
+    randomize_adapters(model)
+    out = save_peft_adapter(
+        model.state_dict(), config, lora, tmp_path / "adapter", "base", "Qwen3MoeForCausalLM"
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(base, out).eval()
+    batch = tokens()
+    with torch.no_grad():
+        expected = model(batch)
+        torch.testing.assert_close(theirs(input_ids=batch).logits, expected, atol=1e-4, rtol=0)
+        with theirs.disable_adapter():
+            assert (theirs(input_ids=batch).logits - expected).abs().max() > 1e-2
+
+
 def test_moe_expert_adapters_refuse_peft_export_but_merge(tmp_path: Path) -> None:
     # Qwen3-MoE's shape (QK-norm, no shared expert), so the merged model exports as one.
     config = ModelConfig(**{**MOE.__dict__, "n_shared_experts": 0, "qk_norm": True})
@@ -317,9 +337,13 @@ from trainer.optim import param_groups
 
 stage = int(sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)
-config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+config = ModelConfig(
+    vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+    n_experts=4, top_k=2, moe_ffn_hidden_dim=32, first_dense_layers=1,
+)
 model = build_model(config, seed=0)
-apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"]))
+targets = ["q_proj", "v_proj", "down_proj", "experts", "lm_head"]
+apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=targets))
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
 ds_config = {
@@ -379,5 +403,10 @@ def test_lora_trains_under_deepspeed_zero(stage: int, tmp_path: Path) -> None:
     report = json.loads(lines[-1].removeprefix("RESULT "))
     assert report["in_optimizer"] == report["trainable"] > 0
     assert report["losses"][-1] < report["losses"][0]
-    for name, changed in report["changed"].items():
-        assert changed == ("lora_" in name), name
+    changed = report["changed"]
+    for name, was_changed in changed.items():
+        assert was_changed == ("lora_" in name), name
+    # Every kind of adapter took part: dense, stacked experts, the head read as a matrix.
+    for name in ("layers.0.feed_forward.down_proj.lora_B", "output.lora_A"):
+        assert changed[name]
+    assert changed["layers.1.feed_forward.experts.gate_proj_lora_B"]

@@ -7,9 +7,12 @@ checkpoint with the adapters left out). Names come from the one ours<->HF mappin
 `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`.
 
 Stacked expert adapters (`experts.gate_proj_lora_A`, one pair per expert) are refused: released
-MoE models keep experts as per-expert modules on disk but `transformers` 5 fuses them into
-3-D parameters in memory, which peft's `target_modules` cannot address; such a model exports
-with the adapters merged (`merged_state_dict`, then the HF export).
+MoE models keep experts as per-expert modules on disk, but `transformers` 5 fuses them in memory
+into 3-D parameters (Qwen3-MoE: `mlp.experts.gate_up_proj` (E, 2*hidden, dim) and `down_proj`),
+which peft's `target_modules` cannot address. peft reaches them only through `target_parameters`,
+where our separate gate and up adapters would have to become one block-diagonal pair of rank 2r
+on the fused tensor; that is not written. Such a model exports with the adapters merged
+(`merged_state_dict`, then the HF export); adapters on its attention export as usual.
 """
 
 from __future__ import annotations
