@@ -21,8 +21,12 @@ def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def hand_dpo(loss: str, pc, pr, rc, rr, lc, lr, beta, eps, gamma, w):  # type: ignore[no-untyped-def]
-    """One pair in plain floats: (loss, d loss / d pc, d loss / d pr), derivatives by hand."""
+def hand_dpo(loss: str, *args: float) -> tuple[float, float, float]:
+    """One pair in plain floats: (loss, d loss / d pc, d loss / d pr), derivatives by hand.
+
+    args: policy chosen / rejected, reference chosen / rejected log-probs, chosen / rejected
+    lengths, beta, label smoothing, SimPO gamma, SFT weight."""
+    pc, pr, rc, rr, lc, lr, beta, eps, gamma, w = args
     if loss == "simpo":
         z = beta * pc / lc - beta * pr / lr - gamma
         value = -(1 - eps) * math.log(sig(z)) - eps * math.log(sig(-z))

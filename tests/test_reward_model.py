@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from trainer.losses.preference import bradley_terry_losses  # noqa: E402
 VOCAB, PAD = 96, 0
 
 
-def reward_model(seed: int = 0, **overrides: object) -> RewardModel:
+def reward_model(seed: int = 0, **overrides: Any) -> RewardModel:
     config = ModelConfig(
         vocab_size=VOCAB,
         dim=64,
@@ -29,7 +30,7 @@ def reward_model(seed: int = 0, **overrides: object) -> RewardModel:
         n_kv_heads=2,
         max_seq_len=64,
         init_std=0.1,  # attention far from uniform: a masking mistake shows
-        **overrides,  # type: ignore[arg-type]
+        **overrides,
     )
     model = RewardModel(build_model(config, seed=seed))
     torch.manual_seed(seed)
