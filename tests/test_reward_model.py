@@ -156,3 +156,36 @@ def test_a_tiny_reward_model_learns_a_marker_preference() -> None:
         out = bradley_terry_losses(model(tc, mc), model(tr, mr))
     accuracy = out.metrics()["reward_accuracy"].mean().item()
     assert accuracy > 0.9, accuracy
+
+
+def test_reward_checkpoint_exports_with_its_tokenizer(tmp_path: Path) -> None:
+    """A checkpoint (imported from HF, then given a reward head) exports as
+    Qwen2ForSequenceClassification; AutoTokenizer + the model score our texts as we do."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_hf_tokenizer import save_hf_folder
+    from trainer import checkpoint as ckpt
+    from trainer.hf_checkpoint import import_hf
+    from trainer.hf_reward import export_reward_checkpoint, load_reward_checkpoint
+
+    save_hf_folder("qwen2", tmp_path / "hf")
+    folder = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    state = {f"backbone.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    state["score.weight"] = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    save_file(state, folder / "model.safetensors", {"format": "pt"})
+    ckpt.write_manifest(folder, {"step": 0})
+    export_reward_checkpoint(folder, tmp_path / "export")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "export", attn_implementation="eager"
+    ).eval()
+    assert type(hf).__name__ == "Qwen2ForSequenceClassification"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    texts = ["def compute_value(items):\n    return items + 1\n", "x = 1"]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    ours = load_reward_checkpoint(folder)
+    assert encoded["input_ids"][0].tolist() == ours.tokenizer.encode(texts[0])
+    with torch.no_grad():
+        theirs = hf(**encoded).logits.squeeze(-1)
+        mine = ours.model(encoded["input_ids"], encoded["attention_mask"] == 0)
+    torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)
+    assert (theirs[0] - theirs[1]).abs() > 1e-3  # the rows are really scored apart
