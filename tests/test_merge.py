@@ -91,7 +91,7 @@ def write_checkpoint(
     return folder
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+def cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -436,6 +436,62 @@ def test_hf_inputs_and_hf_output_match_transformers(
     for n in names:
         with torch.no_grad():
             assert (load_checkpoint_model(ckpts[n]).model(batch) - got).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM"])
+def test_moe_hf_inputs_are_stacked_like_our_checkpoints(
+    arch: str, tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    """Per-expert HF tensors are read back into our stacked (E, ...) experts: merging hf:DIR
+    folders gives bit-identical weights to merging the checkpoints they were written from."""
+    from model.hf import save_model_as_hf
+
+    moe = {"n_experts": 4, "top_k": 2, "moe_ffn_hidden_dim": 16}
+    if arch.startswith("Qwen3"):
+        moe["qk_norm"] = True
+    config = model_config(**moe)
+    states = [random_state(config, seed) for seed in (0, 1)]
+    assert states[0]["layers.0.feed_forward.experts.gate_proj"].shape[0] == 4
+    ckpts, folders = [], []
+    for i, state in enumerate(states):
+        ckpts.append(str(write_checkpoint(tmp_path / f"c{i}", config, state, tokenizer)))
+        model = build_model(config, "meta")
+        model.load_state_dict(state, assign=True)
+        save_model_as_hf(model, tmp_path / f"hf{i}", architecture=arch)
+        tokenizer.save(tmp_path / f"hf{i}")
+        folders.append(f"hf:{tmp_path / f'hf{i}'}")
+    run_merge(MergeRecipe("slerp", ckpts, str(tmp_path / "from-ckpt"), t=0.3))
+    run_merge(MergeRecipe("slerp", folders, str(tmp_path / "from-hf"), t=0.3))
+    expected = load_file(tmp_path / "from-ckpt" / "model.safetensors")
+    got = load_file(tmp_path / "from-hf" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    name = "layers.1.feed_forward.experts.down_proj"
+    a, b = states[0][name], states[1][name]
+    for e in range(4):  # expert by expert: each its own sphere
+        torch.testing.assert_close(got[name][e], slerp(a[e], b[e], 0.3).float())
+
+
+def test_run_dirs_resolve_and_lora_checkpoints_are_refused(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = model_config()
+    state = random_state(config, 0)
+    run = tmp_path / "run"
+    step = write_checkpoint(run / "checkpoints" / "step_00000004", config, state, tokenizer)
+    (run / "checkpoints" / "latest").write_text(step.name + "\n")
+    code, _, err = cli(
+        capsys, "merge", "--method", "linear", "--models", run, step, "--out", tmp_path / "m"
+    )
+    assert code == 0, err
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(torch.equal(merged[k], state[k]) for k in state)
+    lora = dict(state, **{"layers.0.attention.q_proj.lora_A.weight": torch.zeros(2, 32)})
+    adapter = write_checkpoint(tmp_path / "lora", config, lora, tokenizer)
+    code, _, err = cli(
+        capsys, "merge", "--method", "linear", "--models", step, adapter, "--out", tmp_path / "x"
+    )
+    assert code == 2 and err.count("\n") == 1 and "LoRA adapter tensors" in err, err
 
 
 # ---------------------------------------------------------------------------- memory
