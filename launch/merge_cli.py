@@ -12,6 +12,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from trainer.merging import MergeRecipe, load_recipe, run_merge
 
     if args.recipe is not None:
+        given = [
+            option
+            for option in ("method", "models", "weights", "base", "density", "drop_prob", "t")
+            if getattr(args, option) is not None
+        ]
+        if given:  # two sources of truth for one merge: refuse rather than pick one silently
+            raise ConfigError(
+                f"merge: --{given[0].replace('_', '-')} given with {args.recipe}; "
+                "put it in the recipe (only --out and --format override a recipe)"
+            )
         recipe = load_recipe(args.recipe, out=args.out)
     else:
         if args.method is None or not args.models or args.out is None:
@@ -70,7 +80,7 @@ def register(subparsers: Any) -> None:
         help="DARE drop probability (dare: default 0.5; with ties: DARE-TIES)",
     )
     merge.add_argument("--t", type=float, default=None, help="slerp: 0 = first model, 1 = second")
-    merge.add_argument("--seed", type=int, default=0, help="DARE's drop masks")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's drop masks (default 0)")
     merge.add_argument("--out", default=None, help="output folder (must not exist or be empty)")
     merge.add_argument(
         "--format",

@@ -321,13 +321,17 @@ def test_bad_options_are_refused_in_one_line(
 ) -> None:
     config = model_config()
     a = write_checkpoint(tmp_path / "a", config, random_state(config, 0), tokenizer)
-    cases = [
+    cases: list[tuple[list[object], str]] = [
         (["--method", "ties", "--models", a, a], "base: ties needs --base"),
         (["--method", "slerp", "--models", a, a, a], "slerp takes exactly 2 models"),
         (["--method", "linear", "--models", a, a, "--weights", "1"], "1 weights for 2 models"),
         (["--method", "dare", "--models", a, "--base", a, "--drop-prob", "1"], "drop_prob"),
         (["--method", "linear", "--models", a, tmp_path / "nope"], "no complete checkpoint"),
     ]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: linear\nmodels: [{a}, {a}]\nwieghts: [1, 2]\n")
+    cases.append(([recipe], "unknown key 'wieghts'"))
+    cases.append(([recipe, "--method", "ties"], "--method given with"))
     for argv, message in cases:
         code, _, err = cli(capsys, "merge", *argv, "--out", tmp_path / "m")
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
@@ -520,9 +524,9 @@ print(json.dumps(growth))
 
 
 def test_merge_streams_tensor_by_tensor(tmp_path: Path, tokenizer: Tokenizer) -> None:
-    """4 inputs of 27 MB: the merge's peak RSS growth stays far below their 108 MB sum, while
+    """4 inputs of 40 MB: the merge's peak RSS growth stays far below their 160 MB sum, while
     holding the inputs at once (the negative control) grows by at least the sum."""
-    config = model_config(dim=256, n_layers=10, n_heads=4, n_kv_heads=4, ffn_hidden_dim=512)
+    config = model_config(dim=256, n_layers=15, n_heads=4, n_kv_heads=4, ffn_hidden_dim=512)
     shapes = {k: v.shape for k, v in build_model(config, "meta").state_dict().items()}
     models = []
     for i in range(4):
@@ -545,7 +549,7 @@ def test_merge_streams_tensor_by_tensor(tmp_path: Path, tokenizer: Tokenizer) ->
     print(
         f"inputs {input_bytes / 2**20:.0f} MiB, largest tensor {largest / 2**20:.1f} MiB, growth {growth}"
     )
-    assert input_bytes > 100 * 2**20
+    assert input_bytes > 150 * 2**20
     assert growth["streaming"] < 0.25 * input_bytes
     assert growth["all_at_once"] > 0.9 * input_bytes
     merged = load_file(tmp_path / "streaming" / "model.safetensors")
