@@ -327,6 +327,7 @@ def test_bad_options_are_refused_in_one_line(
         (["--method", "linear", "--models", a, a, "--weights", "1"], "1 weights for 2 models"),
         (["--method", "dare", "--models", a, "--base", a, "--drop-prob", "1"], "drop_prob"),
         (["--method", "linear", "--models", a, tmp_path / "nope"], "no complete checkpoint"),
+        (["--method", "dare", "--models", a, "--base", a, "--density", "0.5"], "part of ties"),
     ]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: linear\nmodels: [{a}, {a}]\nwieghts: [1, 2]\n")

@@ -125,6 +125,10 @@ class MergeRecipe:
             raise ConfigError(f"base: {self.method} takes no base model")
         if self.method == "linear" and len(self.models) < 2:
             raise ConfigError("models: linear needs at least 2 models")
+        if self.method != "ties" and (
+            self.density != 1.0 or any(o.density is not None for o in self.tensors)
+        ):
+            raise ConfigError(f"density: trimming is part of ties, not of {self.method}")
         if self.drop_prob is not None and self.method not in DELTA_METHODS:
             raise ConfigError(f"drop_prob: DARE applies to task vectors, not to {self.method}")
         if self.drop_prob is not None and not 0.0 <= self.drop_prob < 1.0:
