@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import plan_cli
 
     plan_cli.register(commands)
+
+    from launch import merge_cli
+
+    merge_cli.register(commands)
     return parser
 
 
