@@ -74,7 +74,7 @@ def test_dry_run_plan_and_tokenizer_do_not_import_deepspeed(corpus: Path, tmp_pa
         f"assert main(['train', {TINY!r}, '--dry-run']) == 0\n"
         "assert main(['plan', '--flops', '1e20', '--json']) == 0\n"
         f"assert main(['tokenizer', 'train', '--input', {str(corpus / 'train.jsonl')!r},"
-        f" '--vocab-size', '300', '--out', {str(tmp_path / 'tok')!r}]) == 0"
+        f" '--vocab-size', '320', '--out', {str(tmp_path / 'tok')!r}]) == 0"
     )
     assert modules_after(code)["deepspeed"] is False
 
