@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -36,35 +35,46 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging(is_main: bool = True) -> None:
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from launch.logging_setup import configure_logging
+
+    configure_logging(is_main)
 
 
 # ---------------------------------------------------------------------------- train
-def describe_plan(config_path: str, overrides: list[str], world_size: int = 1) -> str:
-    """The `--dry-run` report: resolved config, sizes, FLOPs, memory and token budget."""
+def describe_plan(config_path: str, overrides: list[str], world_size: int | None = None) -> str:
+    """The `--dry-run` report: resolved config, sizes, FLOPs, memory and token budget.
+
+    `world_size` defaults to the config's `parallel.planned_world_size` (written by `plan`),
+    else 1. Runs the same preflight checks as `train` and imports no DeepSpeed."""
     from data_pipeline.tokenizer import Tokenizer
+    from launch.preflight import load_config, preflight
     from model.flops import flops_per_token, param_counts
-    from trainer.config import load_job_config
-    from trainer.config_io import ConfigError
+    from trainer.config_io import ConfigError, split_global_batch
     from trainer.deepspeed_config import build_deepspeed_config
     from trainer.expert_parallel import check_expert_parallel
     from trainer.memory import model_state_memory
-    from trainer.trainer import batch_split
 
-    config = load_job_config(config_path, overrides)
+    config = load_config(config_path, overrides)
+    preflight(config)
+    planned = ""
+    if world_size is None:
+        world_size = config.parallel.planned_world_size or 1
+        planned = " from parallel.planned_world_size" if config.parallel.planned_world_size else ""
+    if world_size < 1:
+        raise ConfigError(f"--world-size: must be >= 1, got {world_size}")
     if config.model.vocab_size is None:
         config.model.vocab_size = (
             Tokenizer.load(config.tokenizer.path).vocab_size
             if config.tokenizer.path
             else config.tokenizer.vocab_size
         )
-    micro, accumulation_steps = batch_split(config, world_size)
+    micro, accumulation_steps = split_global_batch(
+        config.global_batch_seqs,
+        config.data.seq_len,
+        world_size,
+        config.train.micro_batch_size,
+        config.train.max_micro_batch_size,
+    )
     problem = check_expert_parallel(
         config.parallel.expert_parallel, config.model.n_experts, world_size
     )
@@ -89,7 +99,7 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int = 1) -
     )
     lines.append(f"training_flops: {fpt * tokens:.4g}")
     lines.append(
-        f"memory per rank, model states ({precision}, world size {world_size}, offload {config.parallel.offload}):"
+        f"memory per rank, model states ({precision}, world size {world_size}{planned}, offload {config.parallel.offload}):"
     )
     for stage in range(4):
         mem = model_state_memory(
@@ -106,7 +116,30 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int = 1) -
     return "\n".join(lines)
 
 
+def _before_train(args: argparse.Namespace) -> None:
+    """What `train` checks before any setup or run-directory write (nothing for --dry-run,
+    which checks the same in describe_plan): flags, the config, its inputs; then DeepSpeed's
+    one-time op builds, announced."""
+    from launch.preflight import load_config, preflight
+    from trainer.config_io import ConfigError
+
+    if args.dry_run:
+        return
+    if args.world_size is not None:
+        raise ConfigError(
+            "--world-size: only plans a --dry-run; a run's world size comes from its launcher "
+            "(torchrun --nproc-per-node, mpirun -n, srun)"
+        )
+    config = load_config(args.config, args.set)
+    preflight(config)
+    _setup_logging()
+    from launch.logging_setup import build_deepspeed_ops
+
+    build_deepspeed_ops(cpu_offload=config.parallel.offload == "cpu")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _before_train(args)
     if args.dry_run:
         print(describe_plan(args.config, args.set, args.world_size))
         return 0
@@ -219,25 +252,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
-    from launch.slurm import SlurmJob, sbatch_script
-    from trainer.config import load_job_config
-    from trainer.config_io import ConfigError
+    from launch.preflight import load_config
+    from launch.slurm import SlurmJob, activation_lines, sbatch_script
+    from trainer.config_io import ConfigError, split_global_batch
 
-    config = load_job_config(args.config, args.set)  # fail now, not on the cluster
+    config = load_config(args.config, args.set)  # fail now, not on the cluster
     world_size = args.nodes * args.gpus_per_node
-    if config.global_batch_seqs % world_size:
-        raise ConfigError(
-            f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not split over "
-            f"{world_size} ranks ({args.nodes} nodes x {args.gpus_per_node} GPUs)"
+    try:
+        split_global_batch(
+            config.global_batch_seqs,
+            config.data.seq_len,
+            world_size,
+            config.train.micro_batch_size,
+            config.train.max_micro_batch_size,
         )
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({args.nodes} nodes x {args.gpus_per_node} GPUs)") from None
+    run_dir = Path(config.run.dir)
+    workdir = os.getcwd()  # the job resolves the config and run.dir as they resolve here
     try:
         job = SlurmJob(
             config=args.config,
             nodes=args.nodes,
             gpus_per_node=args.gpus_per_node,
-            job_name=args.job_name,
+            job_name=args.job_name or config.run.name or Path(args.config).stem,
             time=args.time,
             partition=args.partition,
             account=args.account,
@@ -245,13 +286,18 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
             port=args.port,
             max_restarts=args.max_restarts,
             overrides=tuple(args.set),
+            workdir=workdir,
+            log_dir=str(run_dir),
+            activate=activation_lines(),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    out = Path(args.out or f"{Path(args.config).stem}.sbatch")
+    out = Path(args.out) if args.out else run_dir / f"{job.job_name}.sbatch"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(sbatch_script(job))
     print(
-        f"wrote {out}: {args.nodes} nodes x {args.gpus_per_node} GPUs; submit with `sbatch {out}`"
+        f"wrote {out} (job {job.job_name}: {args.nodes} nodes x {args.gpus_per_node} GPUs; "
+        f"output in {run_dir}/); submit with `sbatch {out}`"
     )
     return 0
 
@@ -278,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--world-size",
         type=int,
-        default=1,
-        help="with --dry-run: the number of ranks to plan memory and batches for",
+        default=None,
+        help="with --dry-run: the number of ranks to plan memory and batches for "
+        "(default: parallel.planned_world_size, else 1)",
     )
     train.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     train.add_argument("--stall-at-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -301,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok_train.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     tok_train.add_argument("--max-sentences", type=int, default=300_000)
-    tok_train.set_defaults(func=cmd_tokenizer_train)
+    tok_train.set_defaults(func=cmd_tokenizer_train, light=True)
 
     gen = commands.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument(
@@ -327,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("config")
     slurm.add_argument("--nodes", type=int, required=True)
     slurm.add_argument("--gpus-per-node", type=int, required=True)
-    slurm.add_argument("--out", default=None, help="script path (default: CONFIG_STEM.sbatch)")
-    slurm.add_argument("--job-name", default="scaletrain")
+    slurm.add_argument("--out", default=None, help="script path (default: RUN_DIR/JOB_NAME.sbatch)")
+    slurm.add_argument(
+        "--job-name", default=None, help="default: run.name, else the config file's stem"
+    )
     slurm.add_argument("--time", default="24:00:00")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--account", default=None)
@@ -365,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _setup_logging()
+        if not (getattr(args, "light", False) or getattr(args, "dry_run", False)):
+            # Before anything imports DeepSpeed (--dry-run, plan and tokenizer never do).
+            from launch.logging_setup import choose_accelerator
+
+            choose_accelerator()
         return func(args)
     except _user_errors() as exc:
         print(f"scaletrain: error: {exc}", file=sys.stderr)
@@ -374,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    finally:
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

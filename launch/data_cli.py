@@ -13,9 +13,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.shards import prepare_shards
     from data_pipeline.sources import SkipCounter
     from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
-    from trainer.config import load_job_config
+    from launch.preflight import check_sources, load_config
 
-    config = load_job_config(args.config, args.set)
+    config = load_config(args.config, args.set)
+    check_sources(config.data.train, "data.train")  # before a tokenizer is trained on them
+    check_sources(config.data.validation, "data.validation")
     data = config.data
     out_dir = args.out or data.prepare_dir or data.prepared
     if not out_dir:

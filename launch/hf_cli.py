@@ -6,6 +6,17 @@ import argparse
 import re
 from typing import Any
 
+# Named here rather than read from model.hf.FAMILIES so that `scaletrain --help` need not import
+# torch; tests/test_cli_ux.py checks that the two agree.
+HF_FAMILIES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -38,9 +49,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `export` and `import` to the `scaletrain` subcommands."""
-    from model.hf import FAMILIES
-
-    families = ", ".join(FAMILIES)
+    families = ", ".join(HF_FAMILIES)
     export = subparsers.add_parser(
         "export",
         help="write a checkpoint as a Hugging Face folder (AutoModelForCausalLM loads it)",

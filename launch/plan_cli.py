@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer.hardware import PEAK_BF16_FLOPS
+# The GPUs trainer.hardware.PEAK_BF16_FLOPS knows, named here so that `scaletrain --help` need
+# not import torch; tests/test_cli_ux.py checks that the two agree.
+GPU_NAMES = ("H200", "H100", "A100", "L40S", "A10G", "V100", "MI300X")
 
 
 def _plan_text(plan_json: dict, out: str | None) -> str:
@@ -53,6 +55,22 @@ def _plan_text(plan_json: dict, out: str | None) -> str:
     return "\n".join(lines)
 
 
+def _record_planned_setup(path: str, gpus: int) -> None:
+    """Write into the planned config what its memory figures assume: bf16 and the planned
+    number of GPUs (which `--dry-run` then uses as its world size), keeping the header."""
+    from itertools import takewhile
+    from pathlib import Path
+
+    from trainer.config import load_job_config
+
+    config = load_job_config(path)
+    config.parallel.precision = "bf16"
+    config.parallel.planned_world_size = gpus
+    lines = Path(path).read_text().splitlines()
+    header = "".join(f"{line}\n" for line in takewhile(lambda line: line.startswith("#"), lines))
+    Path(path).write_text(header + config.to_yaml())
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.config_io import ConfigError
     from trainer.planning import PlanRequest, make_plan, parse_moe, write_plan_config
@@ -81,6 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(request)
     if args.out:
         write_plan_config(plan, args.out, args.run_dir)
+        _record_planned_setup(args.out, plan.gpus)
     result = plan.to_json()
     if args.json:
         print(json.dumps(result))
@@ -130,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--gpu",
         type=str.upper,
-        help=f"GPU model for time and memory ({', '.join(PEAK_BF16_FLOPS)})",
+        help=f"GPU model for time and memory ({', '.join(GPU_NAMES)})",
     )
     plan.add_argument(
         "--mfu", type=float, default=0.40, help="model-FLOPs utilisation (default 0.40)"
@@ -161,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--out", metavar="CONFIG", help="write a ready YAML config here")
     plan.add_argument("--run-dir", default="runs/planned", help="run.dir of the --out config")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
-    plan.set_defaults(func=cmd_plan)
+    plan.set_defaults(func=cmd_plan, light=True)
 
     actions = plan.add_subparsers(dest="plan_command", metavar="ACTION")
     sweep = actions.add_parser(
@@ -177,4 +196,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--bootstrap", type=int, default=100)
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", default="docs/scaling", help="folder for results and the PNG")
-    sweep.set_defaults(func=cmd_sweep)
+    sweep.set_defaults(func=cmd_sweep, light=False)  # it may train through DeepSpeed

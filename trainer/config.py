@@ -107,6 +107,7 @@ class ParallelConfig:
     allgather_bucket_size: int = 50_000_000  # elements
     init_timeout_s: float = 300.0  # collectives until the first step ends (setup, loading)
     step_timeout_s: float = 100.0  # collectives afterwards: a stalled rank fails the job
+    planned_world_size: int | None = None  # set by `scaletrain plan`: what --dry-run plans for
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -7,6 +7,7 @@ mapping, checking every key and type and naming the key in every error.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -89,6 +90,49 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"config type {tp!r} of {key} is not supported")
 
 
+def _suggest(key: str, known: list[str]) -> str:
+    """'did you mean max_steps?' for a near miss (difflib's ratio >= 0.6), else the known keys."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+
+
+def nearest_global_batches(global_batch_seqs: int, seq_len: int, world_size: int) -> list[int]:
+    """The global batch sizes in tokens nearest to `global_batch_seqs` sequences (one below,
+    one above) whose sequences split evenly over `world_size` ranks."""
+    below = global_batch_seqs // world_size * world_size
+    return [seqs * seq_len for seqs in (below, below + world_size) if seqs > 0]
+
+
+def split_global_batch(
+    global_batch_seqs: int,
+    seq_len: int,
+    world_size: int,
+    micro_batch_size: int | None,
+    max_micro_batch_size: int,
+) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) that make up the global batch on `world_size`
+    ranks; a batch that does not split names the nearest ones that do."""
+    if global_batch_seqs % world_size:
+        options = " or ".join(
+            f"{tokens:,} ({tokens // seq_len} x {seq_len})"
+            for tokens in nearest_global_batches(global_batch_seqs, seq_len, world_size)
+        )
+        raise ConfigError(
+            f"train.global_batch_tokens: {global_batch_seqs} sequences per step do not split over "
+            f"{world_size} ranks; the nearest that do: {options}"
+        )
+    per_rank = global_batch_seqs // world_size
+    # The largest micro-batch <= the cap that divides this rank's share.
+    micro = micro_batch_size or max(
+        size for size in range(1, min(max_micro_batch_size, per_rank) + 1) if per_rank % size == 0
+    )
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences per rank"
+        )
+    return micro, per_rank // micro
+
+
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass `cls` from `data`, checking keys and types; errors name the key."""
     prefix = f"{where}." if where else ""
@@ -101,7 +145,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     known = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in data:
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(known)})")
+            raise ConfigError(f"{prefix}{key}: unknown key ({_suggest(str(key), known)})")
     required = [
         f.name
         for f in dataclasses.fields(cls)

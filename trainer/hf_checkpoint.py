@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -125,8 +126,18 @@ def export_checkpoint(
     hf_config = json.loads((out / "config.json").read_text())
     hf_config.update(generation)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    respect_umask(out)
     logger.info("exported %s as %s to %s", folder, family.architecture, out)
     return out
+
+
+def respect_umask(folder: Path) -> None:
+    """Give the safetensors files in `folder` the mode the umask allows (0644 under the usual
+    022): safetensors writes them 0600, unreadable to colleagues on a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; put it back at once
+    for path in folder.glob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
 
 
 def _numel(shape: list[int]) -> int:
@@ -231,7 +242,8 @@ def _write_converted_tokenizer_json(tokenizer: Tokenizer, out: Path) -> None:
         mismatch = _first_mismatch(
             tokenizer,
             texts,
-            lambda text: reloaded(text, add_special_tokens=False)["input_ids"],
+            # verbose=False: the long probes exceed model_max_length on purpose; no warning.
+            lambda text: reloaded(text, add_special_tokens=False, verbose=False)["input_ids"],
             lambda ids: str(reloaded.decode(ids, skip_special_tokens=False)),
         )
     if mismatch is not None:
@@ -286,6 +298,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     # One copy of the weights in memory: read tensor by tensor, renamed, then saved.
     weights = dict(iter_converted(source, model_config))
     save_file(weights, tmp / "model.safetensors", {"format": "pt"})
+    respect_umask(tmp)
     del weights
     _copy_tokenizer(source.folder, tokenizer, tmp)
     job = _job_config_for(model_config, out, tokenizer)

@@ -37,7 +37,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = ckpt.find_resume_checkpoint(root)
         if found is not None:
             return found
-    raise ckpt.CheckpointError(f"{path}: no complete checkpoint found")
+    raise ckpt.CheckpointError(
+        f"{path}: no complete checkpoint found (looked for {path}/{ckpt.MANIFEST}, and for "
+        f"step_* folders with one in {path / 'checkpoints'} and {path})"
+    )
 
 
 def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
