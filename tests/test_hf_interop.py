@@ -382,6 +382,21 @@ def test_export_picks_the_plainest_family_that_fits() -> None:
         family_for(config(qk_norm=True, attention_bias=True))  # Qwen3 biases o_proj too
     with pytest.raises(HFFormatError, match=r"MistralForCausalLM cannot express qk_norm"):
         family_for(config(qk_norm=True), "MistralForCausalLM")
+    # Layer patterns: Qwen2/Qwen3 carry them in layer_types, Mistral's one window cannot.
+    mixed = config(qk_norm=True, head_dim=32, sliding_window=8, sliding_window_layers=[1])
+    assert family_for(mixed).architecture == "Qwen3ForCausalLM"
+    with pytest.raises(
+        HFFormatError, match=r"^architecture: MistralForCausalLM cannot express a mix"
+    ):
+        family_for(config(sliding_window=8, sliding_window_layers=[0]), "mistral")
+    with pytest.raises(HFFormatError, match=r"no supported architecture fits"):
+        family_for(config(sliding_window=8, global_tokens=2))
+    with pytest.raises(HFFormatError, match=r"Mistral\w+ cannot express global_tokens=2"):
+        family_for(config(sliding_window=8, global_tokens=2), "mistral")
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    assert family_for(config(rope_scaling=yarn)).architecture == "LlamaForCausalLM"
+    with pytest.raises(HFFormatError, match=r"cannot express rope_scaling of type 'yarn'"):
+        family_for(config(rope_scaling=yarn), "mistral")
 
 
 def test_shard_size_parsing() -> None:

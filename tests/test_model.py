@@ -197,6 +197,9 @@ def test_flops_attention_term_uses_the_window() -> None:
     assert param_counts(dense) == param_counts(sliding)
     assert flops_per_token(dense, 64) - flops_per_token(sliding, 64) == 12 * 2 * 4 * 16 * (64 - 16)
     assert flops_per_token(sliding, 8) == flops_per_token(dense, 8)
+    # One local layer of two; global tokens add keys to it.
+    mixed = small(sliding_window=16, sliding_window_layers=[1], global_tokens=4)
+    assert flops_per_token(dense, 64) - flops_per_token(mixed, 64) == 12 * 4 * 16 * (64 - 20)
 
 
 @pytest.mark.parametrize(
