@@ -1,7 +1,8 @@
 """Attention paths side by side: dense mask vs blocked (CPU), flex and varlen (CUDA).
 
 One attention call (B=1, fp32, forward + backward) per row at each sequence length, for a
-sliding window alone, the window with packed documents, and documents alone; full causal SDPA
+sliding window alone, the window with packed documents (8 random cut points), and documents
+alone (CPU: the per-document path); full causal SDPA
 is the yardstick. All rows run interleaved in one process after warm-ups, so machine noise hits
 them alike; medians are reported. `--train-step` adds whole training steps (forward, backward,
 AdamW) of the `tiny` preset with a window at 4x its sequence length.
@@ -124,7 +125,8 @@ def main() -> None:
         for path in fast:
             cases[f"window {path}"] = attention_case(seq, h, d, w, 0, path)
             cases[f"window+{n}docs {path}"] = attention_case(seq, h, d, w, n, path)
-            cases[f"{n}docs {path}"] = attention_case(seq, h, d, None, n, path)
+            docs_path = path if cuda else "documents"  # CPU: each document on its own
+            cases[f"{n}docs {docs_path}"] = attention_case(seq, h, d, None, n, docs_path)
         if cuda:
             cases[f"{n}docs varlen"] = attention_case(seq, h, d, None, n, "varlen")
         medians[seq] = measure(cases, args.warmups, args.repeats)

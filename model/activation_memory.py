@@ -22,7 +22,7 @@ def attention_path_for(config: ModelConfig, device_type: str, documents: bool) -
         return "causal"
     if device_type == "cuda":
         return "flex"
-    return "blocked"
+    return "blocked" if config.sliding_window is not None else "documents"
 
 
 def activation_memory_bytes(
@@ -62,9 +62,13 @@ def activation_memory_bytes(
     per_layer = []
     for layer in range(config.n_layers):
         window = config.layer_window(layer)
+        layer_path = path
+        if path == "blocked" and (window is None or window >= seq):
+            # Full layers of a windowed model on CPU: per document, or plain causal.
+            layer_path = "documents" if longest_document is not None else "causal"
         per_layer.append(
             dense_layer
-            + _kernel_bytes(config, path, window, batch, seq, dtype_bytes, longest_document)
+            + _kernel_bytes(config, layer_path, window, batch, seq, dtype_bytes, longest_document)
         )
     if activation_checkpointing:
         return config.n_layers * tokens * dim * dtype_bytes + max(per_layer)
@@ -84,13 +88,15 @@ def _kernel_bytes(
     lse = batch * heads * seq * _LSE_BYTES
     if path in ("causal", "flex", "varlen"):
         return lse
+    if path == "documents":
+        return lse + batch * seq * heads * head_dim * dtype_bytes  # per-document outputs
     if path == "dense":
         expanded = 0 if heads == kv_heads else 2 * batch * seq * heads * head_dim * dtype_bytes
         # SDPA keeps the boolean mask as an additive one of the activations' dtype, per layer.
         mask_rows = batch if longest_document is not None else 1
         return lse + expanded + mask_rows * seq * seq * dtype_bytes
     if path != "blocked":
-        raise ValueError(f"path: {path!r} is not causal, flex, varlen, dense or blocked")
+        raise ValueError(f"path: {path!r} is not causal, documents, flex, varlen, dense or blocked")
     block = seq if window is None else min(window, seq)
     if longest_document is not None:
         block = min(block, longest_document)

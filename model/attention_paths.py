@@ -10,6 +10,8 @@ and full layers) to `attend`, which picks the path:
   Queries are cut into blocks of the window's length; a block sees its own and the previous
   key block plus the global tokens of the document running into it, with the full visibility
   rule evaluated inside those blocks. Cost and memory O(T * W), never a (T, S) tensor.
+- "documents" (CPU, documents without a window): causal SDPA over each packed document in
+  turn, by the `cu_seqlens` of varlen attention; O(sum of squared document lengths), no mask.
 - "flex" (CUDA): compiled FlexAttention with a block mask built once per forward and window.
 - "varlen" (CUDA, fp16/bf16, documents without window or global tokens): flash attention over
   the flattened batch with `cu_seqlens`.
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from model import flex
 from model.masking import attention_mask, longest_document, positions_within_documents
 
-PATHS = ("causal", "blocked", "flex", "varlen", "dense")
+PATHS = ("causal", "blocked", "documents", "flex", "varlen", "dense")
 
 
 @dataclass
@@ -104,6 +106,8 @@ class AttentionSpec:
                 return "varlen"
             if flex.FLEX_AVAILABLE:
                 return "flex"
+        if window is None:
+            return "documents"  # doc_ids set: each document on its own, exactly causal
         # Two blocks of keys per query block: no gain once a block spans half the sequence.
         return "blocked" if 2 * self.block_size(window) < self.seq_len else "dense"
 
@@ -162,6 +166,12 @@ def attend(
             doc_positions=spec.doc_positions(q.device),
             global_tokens=spec.global_tokens,
         )
+    if path == "documents":
+        assert spec.doc_ids is not None
+        key = ("varlen", None)
+        if key not in spec._masks:
+            spec._masks[key] = flex.cu_seqlens_of(spec.doc_ids)
+        return per_document_attention(q, k, v, spec._masks[key][0])
     if path == "flex":
         key = ("flex", effective)
         if key not in spec._masks:
@@ -182,6 +192,31 @@ def attend(
             spec._masks[key] = flex.cu_seqlens_of(spec.doc_ids)
         return flex.varlen_attend(q, k, v, *spec._masks[key])
     raise ValueError(f"attention path: {path!r} is not one of {PATHS}")
+
+
+def per_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor
+) -> torch.Tensor:
+    """Causal attention inside each document of the flattened batch, one SDPA call each.
+
+    q (B, H, T, D), k and v (B, KVH, T, D); `cumulative` the cu_seqlens of the (B*T) tokens.
+    """
+    batch, n_heads, seq, head_dim = q.shape
+    # (B, H, T, D) -> (H, B*T, D): documents laid end to end along the token axis.
+    q_flat, k_flat, v_flat = (t.transpose(0, 1).flatten(1, 2) for t in (q, k, v))
+    bounds = cumulative.tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            q_flat[None, :, start:end],
+            k_flat[None, :, start:end],
+            v_flat[None, :, start:end],
+            is_causal=True,
+            enable_gqa=n_heads != k.shape[1],
+        )[0]
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    out = torch.cat(outs, dim=1)  # (H, B*T, D)
+    return out.unflatten(1, (batch, seq)).transpose(0, 1)
 
 
 def _key_blocks(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:

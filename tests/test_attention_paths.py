@@ -72,7 +72,7 @@ def test_blocked_path_matches_the_dense_mask(case: str) -> None:
     doc_ids = packed_doc_ids(2, seq, n_docs, seed=7) if n_docs else None
     grad = torch.randn(2, 4, seq, 8, generator=torch.Generator().manual_seed(1))
     out, grads, path = run(None, q, k, v, window, doc_ids, global_tokens, grad)
-    assert path == "blocked"
+    assert path == ("blocked" if window is not None else "documents")
     ref, ref_grads, _ = run("dense", q, k, v, window, doc_ids, global_tokens, grad)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     for got, expected in zip(grads, ref_grads, strict=True):
@@ -127,9 +127,10 @@ def test_path_choice() -> None:
     assert AttentionSpec(seq_len=64).path(8, cpu, fp32) == "blocked"
     assert AttentionSpec(seq_len=1, start_pos=9).path(8, cpu, fp32) == "dense"  # decoding
     one_doc = torch.zeros(1, 64, dtype=torch.long)
-    # A document as long as the sequence: blocks would cover the whole square anyway.
-    assert AttentionSpec(seq_len=64, doc_ids=one_doc).path(None, cpu, fp32) == "dense"
+    assert AttentionSpec(seq_len=64, doc_ids=one_doc).path(None, cpu, fp32) == "documents"
     assert AttentionSpec(seq_len=64, doc_ids=one_doc).path(8, cpu, fp32) == "blocked"
+    # A window as long as half the sequence: blocks would cover the whole square anyway.
+    assert AttentionSpec(seq_len=64, doc_ids=one_doc).path(40, cpu, fp32) == "dense"
 
 
 def small(**overrides: Any) -> ModelConfig:
