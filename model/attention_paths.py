@@ -21,6 +21,7 @@ and full layers) to `attend`, which picks the path:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,7 +202,7 @@ def per_document_attention(
 
     q (B, H, T, D), k and v (B, KVH, T, D); `cumulative` the cu_seqlens of the (B*T) tokens.
     """
-    batch, n_heads, seq, head_dim = q.shape
+    batch, n_heads, seq, _ = q.shape
     # (B, H, T, D) -> (H, B*T, D): documents laid end to end along the token axis.
     q_flat, k_flat, v_flat = (t.transpose(0, 1).flatten(1, 2) for t in (q, k, v))
     bounds = cumulative.tolist()
@@ -213,7 +214,7 @@ def per_document_attention(
             is_causal=True,
             enable_gqa=n_heads != k.shape[1],
         )[0]
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        for start, end in itertools.pairwise(bounds)
     ]
     out = torch.cat(outs, dim=1)  # (H, B*T, D)
     return out.unflatten(1, (batch, seq)).transpose(0, 1)
