@@ -169,10 +169,9 @@ def attend(
         )
     if path == "documents":
         assert spec.doc_ids is not None
-        key = ("varlen", None)
-        if key not in spec._masks:
-            spec._masks[key] = flex.cu_seqlens_of(spec.doc_ids)
-        return per_document_attention(q, k, v, spec._masks[key][0])
+        if "cu_seqlens" not in spec._masks:
+            spec._masks["cu_seqlens"] = flex.cu_seqlens_of(spec.doc_ids)
+        return per_document_attention(q, k, v, spec._masks["cu_seqlens"][0])
     if path == "flex":
         key = ("flex", effective)
         if key not in spec._masks:
@@ -188,10 +187,9 @@ def attend(
         return flex.flex_attend(q, k, v, spec._masks[key])
     if path == "varlen":
         assert spec.doc_ids is not None
-        key = ("varlen", None)
-        if key not in spec._masks:
-            spec._masks[key] = flex.cu_seqlens_of(spec.doc_ids)
-        return flex.varlen_attend(q, k, v, *spec._masks[key])
+        if "cu_seqlens" not in spec._masks:
+            spec._masks["cu_seqlens"] = flex.cu_seqlens_of(spec.doc_ids)
+        return flex.varlen_attend(q, k, v, *spec._masks["cu_seqlens"])
     raise ValueError(f"attention path: {path!r} is not one of {PATHS}")
 
 
