@@ -1,30 +1,19 @@
-"""Grouped-query self-attention through `scaled_dot_product_attention`.
+"""Grouped-query self-attention: projections, QK-norm and RoPE around one attention kernel.
 
-The mask (causal, sliding-window, per-document) is built once per forward by the model, see
-`model.masking`.
+What attention hides (window, documents, global tokens) is described once per forward by the
+model's `AttentionSpec`; `model.attention_paths.attend` picks the kernel.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.attention_paths import AttentionSpec, attend
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.norm import RMSNorm
 from model.rope import apply_rope
-
-
-def _torch_at_least(major: int, minor: int) -> bool:
-    parts = torch.__version__.split("+")[0].split(".")
-    return (int(parts[0]), int(parts[1])) >= (major, minor)
-
-
-# SDPA reads shared key/value heads in place with `enable_gqa` (torch >= 2.5), but only its
-# flash and math kernels accept it; with an explicit mask (which rules flash out) k/v are
-# expanded instead, so the memory-efficient kernel stays available on CUDA.
-SDPA_ENABLE_GQA = _torch_at_least(2, 5)
 
 
 class Attention(nn.Module):
@@ -34,8 +23,9 @@ class Attention(nn.Module):
     applied before RoPE, in the order of Qwen3: project, norm each head, rotate.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, window: int | None = None) -> None:
         super().__init__()
+        self.window = window  # this layer's sliding window (None: full causal attention)
         self.n_heads = config.n_heads
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
@@ -57,12 +47,12 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         start_pos: int = 0,
-        mask: torch.Tensor | None = None,
+        spec: AttentionSpec | None = None,
     ) -> torch.Tensor:
-        """Attend over x (B, T, dim); `mask` (True = visible) replaces the plain causal mask.
+        """Attend over x (B, T, dim) under `spec` and this layer's window.
 
-        With no mask the keys must be exactly the queries' causal prefix (no cached keys before
-        them), so SDPA's `is_causal` fast path applies; the model builds a mask otherwise.
+        With no spec the keys must be exactly the queries' causal prefix (no cached keys before
+        them) and the layer has no window: plain causal attention.
         """
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -75,14 +65,8 @@ class Attention(nn.Module):
 
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, start_pos, k, v)  # (B, KVH, S, D), S = start_pos + T
-        gqa: dict[str, bool] = {}
-        if self.n_kv_heads != self.n_heads:
-            if SDPA_ENABLE_GQA and mask is None:
-                gqa["enable_gqa"] = True  # SDPA maps each group of query heads to its k/v head
-            else:
-                repeats = self.n_heads // self.n_kv_heads
-                k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, D)
-                v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+        if spec is None and self.window is not None:
+            spec = AttentionSpec(seq_len=seq, start_pos=start_pos)
+        out = attend(q, k, v, spec, self.window)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

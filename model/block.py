@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from model.attention import Attention
+from model.attention_paths import AttentionSpec
 from model.config import ModelConfig
 from model.feed_forward import FeedForward
 from model.kv_cache import KVCache
@@ -20,7 +21,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, config.layer_window(layer_idx))
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward: FeedForward | MoEFeedForward = (
             MoEFeedForward(config)
@@ -35,9 +36,9 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
-        mask: torch.Tensor | None = None,
+        spec: AttentionSpec | None = None,
     ) -> torch.Tensor:
         x = x + self.attention(
-            self.attention_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos, mask
+            self.attention_norm(x), cos, sin, kv_cache, self.layer_idx, start_pos, spec
         )
         return x + self.feed_forward(self.ffn_norm(x))

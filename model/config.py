@@ -27,13 +27,19 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # Llama-3 style: {"type": "llama3", "factor": ...}
+    # {"type": "llama3", "factor": ...} or {"type": "yarn", "factor": ..., ...} (model/rope.py)
+    rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
     attention_bias: bool = False  # biases on q/k/v projections (Qwen2)
     attention_out_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
     sliding_window: int | None = None  # each query sees itself and the previous window-1 keys
+    # Which layers use the window (the others attend fully); None: all, when a window is set.
+    sliding_window_layers: list[int] | None = None
+    # The first N tokens of each document stay visible to all its later tokens beyond the
+    # window (causal global tokens, see model/masking.py).
+    global_tokens: int = 0
     reset_positions_per_document: bool = False  # with doc_ids: RoPE positions restart per document
     init_std: float = 0.02
     # Mixture of Experts (model/moe). n_experts = 0 means a dense model; the rest is then unused.
@@ -76,13 +82,52 @@ class ModelConfig:
             raise ModelConfigError(
                 f"sliding_window: must be positive or null, got {self.sliding_window}"
             )
+        self._check_window()
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ModelConfigError(f"vocab_size: must be positive, got {self.vocab_size}")
-        if self.rope_scaling is not None and self.rope_scaling.get("type", "llama3") != "llama3":
-            raise ModelConfigError(
-                f"rope_scaling.type: only 'llama3' is supported, got {self.rope_scaling['type']!r}"
-            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", "llama3")
+            if kind not in ("llama3", "yarn"):
+                raise ModelConfigError(
+                    f"rope_scaling.type: only 'llama3' and 'yarn' are supported, got {kind!r}"
+                )
+            if "factor" not in self.rope_scaling:
+                raise ModelConfigError("rope_scaling.factor: missing")
+            if kind == "yarn" and "original_max_position_embeddings" not in self.rope_scaling:
+                raise ModelConfigError(
+                    "rope_scaling.original_max_position_embeddings: missing (YaRN needs the "
+                    "context length the model was trained at)"
+                )
         self._check_moe()
+
+    def _check_window(self) -> None:
+        if self.sliding_window_layers is not None:
+            if self.sliding_window is None:
+                raise ModelConfigError("sliding_window_layers: set, but sliding_window is null")
+            bad = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ModelConfigError(
+                    f"sliding_window_layers: {bad} outside the {self.n_layers} layers"
+                )
+            self.sliding_window_layers = sorted(set(self.sliding_window_layers))
+        if self.global_tokens < 0:
+            raise ModelConfigError(f"global_tokens: must be >= 0, got {self.global_tokens}")
+        if self.global_tokens and self.sliding_window is None:
+            raise ModelConfigError(
+                "global_tokens: only means something with a sliding_window (without one every "
+                "token already sees its whole document)"
+            )
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of block `layer_idx`, None where it attends to all its keys."""
+        if self.sliding_window_layers is not None and layer_idx not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
+
+    @property
+    def has_mixed_windows(self) -> bool:
+        """Whether local (windowed) and full-attention layers alternate."""
+        return len({self.layer_window(i) for i in range(self.n_layers)}) > 1
 
     def _check_moe(self) -> None:
         if self.n_experts < 0:

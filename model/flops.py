@@ -52,8 +52,9 @@ def param_counts(config: ModelConfig) -> ParamCounts:
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward, by the PaLM formula 6N + 12*L*H*Q*T.
 
-    With a sliding window a query attends to at most `sliding_window` keys, so T becomes
-    min(seq_len, sliding_window) in the attention term.
+    With a sliding window a query attends to at most `sliding_window` keys (plus the document's
+    global tokens), so T becomes min(seq_len, sliding_window + global_tokens) in the attention
+    term of each windowed layer (`sliding_window_layers`); full layers keep seq_len.
     N counts the parameters that take part in matrix multiplies: every active parameter but the
     input embedding lookup, plus the output head (which is the embedding matrix when tied).
     """
@@ -61,6 +62,9 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     matmul_params = (
         counts.active - counts.embedding - counts.output_head + config.require_vocab() * config.dim
     )
-    context = seq_len if config.sliding_window is None else min(seq_len, config.sliding_window)
-    attention = 12 * config.n_layers * config.n_heads * config.head_dim * context
+    context = 0
+    for layer in range(config.n_layers):
+        window = config.layer_window(layer)
+        context += seq_len if window is None else min(seq_len, window + config.global_tokens)
+    attention = 12 * config.n_heads * config.head_dim * context
     return float(6 * matmul_params + attention)

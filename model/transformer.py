@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention_paths import AttentionSpec
 from model.block import TransformerBlock
 from model.config import ModelConfig
 from model.feed_forward import FeedForward
 from model.kv_cache import KVCache
-from model.masking import attention_mask, positions_within_documents
+from model.masking import positions_within_documents
 from model.moe.layer import MoEFeedForward
 from model.norm import RMSNorm
 from model.rope import rope_cos_sin
@@ -36,6 +37,8 @@ class Transformer(nn.Module):
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # None: `attend` picks the kernel by device and need; a name forces one (tests, bench).
+        self.attention_path: str | None = None
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables (non-persistent buffers) on the parameters' device."""
@@ -147,15 +150,19 @@ class Transformer(nn.Module):
             sin = self.rope_sin[start_pos : start_pos + seq]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
-        mask = None
+        spec = None
         if start_pos > 0 or config.sliding_window is not None or doc_ids is not None:
-            # Indices in the cached sequence; the plain causal case keeps SDPA's fast path.
-            query_index = torch.arange(start_pos, start_pos + seq, device=tokens.device)
-            key_index = torch.arange(start_pos + seq, device=tokens.device)
-            mask = attention_mask(query_index, key_index, config.sliding_window, doc_ids, doc_ids)
+            # One description shared by every layer; plain causal attention keeps spec None.
+            spec = AttentionSpec(
+                seq_len=seq,
+                start_pos=start_pos,
+                doc_ids=doc_ids,
+                global_tokens=config.global_tokens,
+                force_path=self.attention_path,
+            )
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, kv_cache, start_pos, mask)
+            h = layer(h, cos, sin, kv_cache, start_pos, spec)
         return self.norm(h)
 
     def moe_layers(self) -> dict[int, MoEFeedForward]:

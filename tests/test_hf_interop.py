@@ -37,6 +37,12 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,  # small, so all three frequency bands occur
 }
+YARN_ROPE = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,  # interpolated, ramped and kept dimensions all occur
+}
 
 # name -> (config class, model class, extra config keys)
 CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -60,6 +66,18 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Qwen3ForCausalLM",
         {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0},
     ),
+    # Local and full layers alternating, carried by layer_types.
+    "qwen3-mixed-layers": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        {
+            "use_sliding_window": True,
+            "sliding_window": 5,
+            "layer_types": ["full_attention", "sliding_attention"],
+        },
+    ),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": YARN_ROPE}),
+    "qwen2-yarn": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_parameters": YARN_ROPE}),
 }
 
 
@@ -99,6 +117,9 @@ def test_import_matches_transformers(case: str, tmp_path: Path) -> None:
         ("mistral-sliding", {"sliding_window": None}),
         ("qwen3-sliding", {"sliding_window": None}),
         ("llama3-rope-scaling", {"rope_scaling": None}),
+        ("qwen3-mixed-layers", {"sliding_window_layers": None}),  # every layer local
+        ("qwen3-mixed-layers", {"sliding_window": None, "sliding_window_layers": None}),
+        ("llama-yarn", {"rope_scaling": None}),
         ("qwen2-bias", {"attention_bias": False}),
     ],
 )
@@ -361,6 +382,21 @@ def test_export_picks_the_plainest_family_that_fits() -> None:
         family_for(config(qk_norm=True, attention_bias=True))  # Qwen3 biases o_proj too
     with pytest.raises(HFFormatError, match=r"MistralForCausalLM cannot express qk_norm"):
         family_for(config(qk_norm=True), "MistralForCausalLM")
+    # Layer patterns: Qwen2/Qwen3 carry them in layer_types, Mistral's one window cannot.
+    mixed = config(qk_norm=True, head_dim=32, sliding_window=8, sliding_window_layers=[1])
+    assert family_for(mixed).architecture == "Qwen3ForCausalLM"
+    with pytest.raises(
+        HFFormatError, match=r"^architecture: MistralForCausalLM cannot express a mix"
+    ):
+        family_for(config(sliding_window=8, sliding_window_layers=[0]), "mistral")
+    with pytest.raises(HFFormatError, match=r"no supported architecture fits"):
+        family_for(config(sliding_window=8, global_tokens=2))
+    with pytest.raises(HFFormatError, match=r"Mistral\w+ cannot express global_tokens=2"):
+        family_for(config(sliding_window=8, global_tokens=2), "mistral")
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    assert family_for(config(rope_scaling=yarn)).architecture == "LlamaForCausalLM"
+    with pytest.raises(HFFormatError, match=r"cannot express rope_scaling of type 'yarn'"):
+        family_for(config(rope_scaling=yarn), "mistral")
 
 
 def test_shard_size_parsing() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -36,19 +38,16 @@ def test_changing_a_future_token_never_changes_an_earlier_logit(kv_heads: int) -
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])
-def test_sdpa_enable_gqa_matches_expanded_kv_heads(
-    kv_heads: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sdpa_enable_gqa_matches_expanded_kv_heads(kv_heads: int) -> None:
     """SDPA's own GQA (no k/v copies) computes what repeat_interleave'd heads compute."""
-    from model import attention
-
-    if not attention.SDPA_ENABLE_GQA:
-        pytest.skip("torch < 2.5 has no enable_gqa")
     model = build_model(small(n_kv_heads=kv_heads), seed=3).double().eval()
     tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        native = model(tokens)
-        monkeypatch.setattr(attention, "SDPA_ENABLE_GQA", False)
+        native = model(tokens)  # the causal path: enable_gqa
+        # The dense path expands k/v heads with repeat_interleave; a window as long as the
+        # sequence hides nothing, so only the kernel differs.
+        model.config.sliding_window = 24
+        model.attention_path = "dense"
         expanded = model(tokens)
     torch.testing.assert_close(native, expanded, rtol=1e-12, atol=1e-12)
 
@@ -198,3 +197,41 @@ def test_flops_attention_term_uses_the_window() -> None:
     assert param_counts(dense) == param_counts(sliding)
     assert flops_per_token(dense, 64) - flops_per_token(sliding, 64) == 12 * 2 * 4 * 16 * (64 - 16)
     assert flops_per_token(sliding, 8) == flops_per_token(dense, 8)
+    # One local layer of two; global tokens add keys to it.
+    mixed = small(sliding_window=16, sliding_window_layers=[1], global_tokens=4)
+    assert flops_per_token(dense, 64) - flops_per_token(mixed, 64) == 12 * 4 * 16 * (64 - 20)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+        {"mscale": 1.0, "mscale_all_dim": 0.5},
+        {"attention_factor": 0.9},
+    ],
+)
+def test_yarn_matches_transformers(extra: dict[str, Any]) -> None:
+    """YaRN frequencies, attention factor and cos/sin tables equal transformers' own."""
+    transformers = pytest.importorskip("transformers")
+    from model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
+
+    rope = {"factor": 8.0, "original_max_position_embeddings": 32, **extra}
+    hf_config = transformers.LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **rope},
+    )
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
+    scaling = {"type": "yarn", **rope}
+    torch.testing.assert_close(rope_inv_freq(32, 10000.0, scaling), rotary.inv_freq)
+    assert rope_attention_factor(scaling) == pytest.approx(rotary.attention_scaling, rel=1e-12)
+    positions = torch.arange(256)[None]
+    cos_hf, sin_hf = rotary(torch.zeros(1, 256, 32), positions)
+    cos, sin = rope_cos_sin(256, 32, 10000.0, scaling)
+    torch.testing.assert_close(cos, cos_hf[0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin, sin_hf[0], rtol=0, atol=2e-6)
+    # Negative control: without the scaling the long positions rotate differently.
+    plain_cos, _ = rope_cos_sin(256, 32, 10000.0, None)
+    assert (plain_cos - cos_hf[0]).abs().max() > 0.1

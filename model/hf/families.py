@@ -26,8 +26,10 @@ class HFFamily:
     qkv_bias: "flag" (q/k/v/o biases all follow `attention_bias`, Llama/Qwen3), "always" (q/k/v
     biased and o not, whatever the config says, Qwen2) or "never" (Mistral).
     sliding: "never", "global" (`sliding_window` applies to every layer, Mistral), or
-    "layer_types" (`use_sliding_window` + per-layer `layer_types`, Qwen2/Qwen3; we import it
-    only when every layer agrees).
+    "layer_types" (`use_sliding_window` + per-layer `layer_types`, Qwen2/Qwen3, which carry a
+    mix of sliding and full layers as our `sliding_window_layers`).
+    rope_types: the `rope_type`s besides "default" its config can carry ("llama3", "yarn").
+    No family carries global tokens.
     """
 
     architecture: str
@@ -35,7 +37,7 @@ class HFFamily:
     qkv_bias: Literal["flag", "always", "never"]
     qk_norm: bool
     sliding: Literal["never", "global", "layer_types"]
-    rope_scaling: bool  # can carry Llama-3 frequency scaling
+    rope_types: tuple[str, ...]
     extra_hf_keys: dict[str, Any] = field(default_factory=dict)  # written as-is on export
     moe_style: Literal["none", "mixtral", "qwen_moe"] = "none"
 
@@ -57,8 +59,14 @@ class HFFamily:
             problems.append("attention biases")
         if self.sliding == "never" and config.sliding_window is not None:
             problems.append(f"sliding_window={config.sliding_window}")
-        if not self.rope_scaling and config.rope_scaling is not None:
-            problems.append("rope_scaling")
+        if self.sliding == "global" and config.has_mixed_windows:
+            problems.append("a mix of sliding-window and full-attention layers")
+        if config.global_tokens:
+            problems.append(f"global_tokens={config.global_tokens}")
+        if config.rope_scaling is not None:
+            rope_type = config.rope_scaling.get("type", "llama3")
+            if rope_type not in self.rope_types:
+                problems.append(f"rope_scaling of type {rope_type!r}")
         if self.model_type == "qwen2" and config.head_dim * config.n_heads != config.dim:
             problems.append(f"head_dim={config.head_dim} != dim / n_heads")
         problems += self._moe_problems(config)
@@ -181,12 +189,15 @@ class HFFamily:
         if self.sliding == "global":
             hf["sliding_window"] = config.sliding_window
         elif self.sliding == "layer_types":
-            window = config.sliding_window
-            hf["use_sliding_window"] = window is not None
-            hf["sliding_window"] = window
-            hf["max_window_layers"] = 0 if window is not None else config.n_layers
-            kind = "sliding_attention" if window is not None else "full_attention"
-            hf["layer_types"] = [kind] * config.n_layers
+            windows = [config.layer_window(i) for i in range(config.n_layers)]
+            hf["use_sliding_window"] = config.sliding_window is not None
+            hf["sliding_window"] = config.sliding_window
+            hf["layer_types"] = [
+                "full_attention" if w is None else "sliding_attention" for w in windows
+            ]
+            # Read only when layer_types is absent: the leading full layers (Qwen2's rule).
+            leading_full = next((i for i, w in enumerate(windows) if w is not None), len(windows))
+            hf["max_window_layers"] = leading_full
         if self.moe_style != "none":
             hf.update(self._moe_to_hf(config))
         hf.update(self.extra_hf_keys)
@@ -211,13 +222,13 @@ class HFFamily:
             raise HFFormatError(f"{where}: mlp_bias: biased MLPs are not supported")
         n_heads = int(require("num_attention_heads"))
         dim = int(require("hidden_size"))
-        theta, scaling = _rope_from_hf(hf, where)
+        theta, scaling = _rope_from_hf(hf, where, self.rope_types)
         attention_bias = attention_out_bias = False
         if self.qkv_bias == "flag":
             attention_bias = attention_out_bias = bool(get("attention_bias", False))
         elif self.qkv_bias == "always":
             attention_bias = True
-        window = None
+        window, window_layers = None, None
         if self.sliding == "global":
             window = get("sliding_window")
         elif self.sliding == "layer_types" and get("use_sliding_window", False):
@@ -226,13 +237,16 @@ class HFFamily:
                 "sliding_attention" if i >= int(get("max_window_layers", 0)) else "full_attention"
                 for i in range(n_layers)
             ]
-            if set(layer_types) == {"sliding_attention"}:
-                window = get("sliding_window")
-            elif set(layer_types) != {"full_attention"}:
+            unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+            if unknown or len(layer_types) != n_layers:
                 raise HFFormatError(
-                    f"{where}: layer_types: a mix of sliding and full attention layers is "
-                    "not supported"
+                    f"{where}: layer_types: expected {n_layers} of 'sliding_attention' or "
+                    f"'full_attention', got {layer_types}"
                 )
+            sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+            if sliding and get("sliding_window") is not None:
+                window = get("sliding_window")
+                window_layers = None if len(sliding) == n_layers else sliding
         try:
             return ModelConfig(
                 vocab_size=int(require("vocab_size")),
@@ -251,6 +265,7 @@ class HFFamily:
                 attention_bias=attention_bias,
                 attention_out_bias=attention_out_bias,
                 sliding_window=None if window is None else int(window),
+                sliding_window_layers=window_layers,
                 init_std=float(get("initializer_range", 0.02)),
                 **self._moe_from_hf(hf, where),
             )
@@ -258,7 +273,18 @@ class HFFamily:
             raise HFFormatError(f"{where}: {exc}") from None
 
 
+_YARN_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
 def _rope_scaling_to_hf(scaling: dict[str, Any]) -> dict[str, Any]:
+    if scaling.get("type", "llama3") == "yarn":
+        hf = {
+            "rope_type": "yarn",
+            "factor": float(scaling["factor"]),
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        }
+        hf.update({key: scaling[key] for key in _YARN_KEYS if scaling.get(key) is not None})
+        return hf
     return {
         "rope_type": "llama3",
         "factor": float(scaling["factor"]),
@@ -270,7 +296,9 @@ def _rope_scaling_to_hf(scaling: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+def _rope_from_hf(
+    hf: dict[str, Any], where: str, rope_types: tuple[str, ...]
+) -> tuple[float, dict[str, Any] | None]:
     """(theta, our rope_scaling) from `rope_parameters` (transformers 5) or the 4.x keys."""
     params = dict(hf.get("rope_parameters") or {})
     legacy = dict(hf.get("rope_scaling") or {})
@@ -279,11 +307,24 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
     rope_type = source.get("rope_type", source.get("type", "default"))
     if rope_type == "default" or not source:
         return theta, None
-    if rope_type != "llama3":
+    if rope_type not in rope_types:
+        supported = ", ".join(repr(t) for t in ("default", *rope_types))
         raise HFFormatError(
-            f"{where}: rope_parameters.rope_type: only 'default' and 'llama3' are supported, "
+            f"{where}: rope_parameters.rope_type: only {supported} are supported here, "
             f"got {rope_type!r}"
         )
+    if rope_type == "yarn":
+        original = source.get("original_max_position_embeddings")
+        if original is None:
+            # transformers' own fallback: the trained context is the extended one / factor.
+            original = int(hf["max_position_embeddings"] / float(source["factor"]))
+        yarn: dict[str, Any] = {
+            "type": "yarn",
+            "factor": float(source["factor"]),
+            "original_max_position_embeddings": int(original),
+        }
+        yarn.update({key: source[key] for key in _YARN_KEYS if source.get(key) is not None})
+        return theta, yarn
     scaling = {
         "type": "llama3",
         "factor": float(source["factor"]),
@@ -299,12 +340,12 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
 FAMILIES: dict[str, HFFamily] = {
     family.architecture: family
     for family in (
-        HFFamily("LlamaForCausalLM", "llama", "flag", False, "never", True),
-        HFFamily("MistralForCausalLM", "mistral", "never", False, "global", False),
-        HFFamily("Qwen2ForCausalLM", "qwen2", "always", False, "layer_types", False),
-        HFFamily("Qwen3ForCausalLM", "qwen3", "flag", True, "layer_types", False),
+        HFFamily("LlamaForCausalLM", "llama", "flag", False, "never", ("llama3", "yarn")),
+        HFFamily("MistralForCausalLM", "mistral", "never", False, "global", ()),
+        HFFamily("Qwen2ForCausalLM", "qwen2", "always", False, "layer_types", ("yarn",)),
+        HFFamily("Qwen3ForCausalLM", "qwen3", "flag", True, "layer_types", ("yarn",)),
         HFFamily(
-            "MixtralForCausalLM", "mixtral", "never", False, "global", False, moe_style="mixtral"
+            "MixtralForCausalLM", "mixtral", "never", False, "global", (), moe_style="mixtral"
         ),
         HFFamily(
             "Qwen3MoeForCausalLM",
@@ -312,7 +353,7 @@ FAMILIES: dict[str, HFFamily] = {
             "flag",
             True,
             "layer_types",
-            False,
+            ("yarn",),
             moe_style="qwen_moe",
         ),
     )
