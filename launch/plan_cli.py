@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer.hardware import PEAK_BF16_FLOPS
+from trainer.planning.hardware import PEAK_BF16_FLOPS
 
 
 def _plan_text(plan_json: dict, out: str | None) -> str:
@@ -55,8 +55,8 @@ def _plan_text(plan_json: dict, out: str | None) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.config_io import ConfigError
-    from trainer.planning import PlanRequest, make_plan, parse_moe, write_plan_config
-    from trainer.scaling_laws import parse_loss_fit
+    from trainer.planning.planning import PlanRequest, make_plan, parse_moe, write_plan_config
+    from trainer.planning.scaling_laws import parse_loss_fit
 
     if args.flops is None and args.gpus is None:
         raise ConfigError("plan: give --flops F, or --gpus N --hours H --gpu NAME")
@@ -99,7 +99,7 @@ def _parse_budgets(text: str) -> list[float]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from trainer.sweep import SweepRequest, run_sweep
+    from trainer.planning.sweep import SweepRequest, run_sweep
 
     report = run_sweep(
         SweepRequest(

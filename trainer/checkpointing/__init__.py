@@ -1,0 +1,7 @@
+"""Checkpointing: complete-or-invisible folders (checkpoint), asynchronous writes
+(async_checkpoint), layout conversion on resume (reshard), DeepSpeed's internals
+(deepspeed_internals), and the manager that saves and loads a run's named stateful pieces."""
+
+from trainer.checkpointing.manager import CheckpointManager
+
+__all__ = ["CheckpointManager"]
