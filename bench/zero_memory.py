@@ -6,7 +6,7 @@ Run:  torchrun --standalone --nproc-per-node 2 -m bench.zero_memory [--stage 0..
 After one optimizer step and a second backward (gradients live, activations released), every
 live tensor the rank holds is found through the garbage collector and counted once per
 storage: parameters (full, or the rank's ZeRO-3 partition), gradients, fp32 master copies,
-Adam moments and DeepSpeed's communication buffers. `trainer.memory.model_state_memory`
+Adam moments and DeepSpeed's communication buffers. `trainer.planning.memory.model_state_memory`
 estimates the first four from the formula; the gap is what DeepSpeed adds.
 """
 
@@ -48,8 +48,8 @@ def measure(stage: int, dim: int, n_layers: int) -> dict[str, float]:
     from trainer.config import JobConfig
     from trainer.deepspeed_config import build_deepspeed_config
     from trainer.distributed import deepspeed, init_distributed
-    from trainer.memory import model_state_memory
     from trainer.optim import build_optimizer
+    from trainer.planning.memory import model_state_memory
 
     env = detect_environment()
     init_distributed(env, "gloo")

@@ -10,7 +10,7 @@ each shard a `PackedSequences` of its own records.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +19,9 @@ from data_pipeline.errors import DataError
 from data_pipeline.sources import DocumentFilter, SkipCounter, iter_outcomes
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.workers import Outcome, WorkerJob, WorkerPool
+
+if TYPE_CHECKING:
+    from data_pipeline.batch import Batch
 
 
 class DocumentStream(Protocol):
@@ -413,6 +416,8 @@ class GlobalBatchLoader:
         micro_batch_size: int,
         rank: int,
         world_size: int,
+        eos_id: int | None = None,
+        document_masking: bool = False,
     ) -> None:
         if global_batch_seqs % (micro_batch_size * world_size):
             raise DataError(
@@ -424,6 +429,8 @@ class GlobalBatchLoader:
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
+        self.eos_id = eos_id
+        self.document_masking = document_masking
 
     counts_are_local = False  # every rank counts the whole global stream
 
@@ -431,8 +438,22 @@ class GlobalBatchLoader:
     def accumulation_steps(self) -> int:
         return self.global_batch_seqs // (self.micro_batch_size * self.world_size)
 
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches of the next global batch, as typed batches (labels
+        aligned, document ids from the EOS the packer put after each document)."""
+        from data_pipeline.batch import causal_lm_batch  # batch.py imports this module
+
+        return [
+            causal_lm_batch(chunk, self.eos_id, self.document_masking)
+            for chunk in self.next_rows().split(self.micro_batch_size)
+        ]
+
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the next global batch, each (inputs, labels) of (b, T)."""
+        return [(b.input_ids, b.labels) for b in self.next_step()]
+
+    def next_rows(self) -> torch.Tensor:
+        """This rank's sequences of the next global batch, (B / world, T + 1)."""
         per_rank = self.global_batch_seqs // self.world_size
         first, last = self.rank * per_rank, (self.rank + 1) * per_rank
         skip = getattr(self.sequences, "skip_sequence", None)
@@ -447,11 +468,7 @@ class GlobalBatchLoader:
             if sequence is None:
                 raise DataError("training data ran out (the training sources should loop)")
             batch.append(sequence)
-        mine = torch.stack(batch)
-        return [
-            (chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
-            for chunk in mine.split(self.micro_batch_size)
-        ]
+        return torch.stack(batch)
 
     def state_dict(self, gather: Any = None) -> dict[str, Any]:
         """The stream's state; already global (`gather` is not needed)."""
@@ -489,3 +506,18 @@ def document_segments(inputs: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, 
     starts[:, 1:] = is_eos[:, :-1] * index[:, 1:]
     segment_start = torch.cummax(starts, dim=1).values
     return segment_ids, index - segment_start
+
+
+def validation_sequences(
+    source: SourceConfig,
+    tokenizer: Tokenizer,
+    data_config: DataConfig,
+    count: int,
+    split: str = "validation",
+) -> list[torch.Tensor]:
+    """Up to `count` fixed (seq_len + 1,) sequences of one source's `split`, packed without
+    looping (the same ones every time); its bad records are skipped, not counted."""
+    stream = build_packed_sequences(
+        [source], split, tokenizer, data_config, SkipCounter(data_config.strict), loop=False
+    )
+    return [sequence for _, sequence in zip(range(count), stream, strict=False)]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.batch import Batch, causal_lm_batch
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.packing import GlobalBatchLoader, PackedSequences, build_packed_sequences
@@ -517,8 +518,21 @@ class ShardedBatchLoader:
         assert self._group is not None
         return _round(self._group, live, self.sequences_per_shard, with_states=False)
 
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches of the next global batch, as typed batches (labels
+        aligned, document ids from the EOS the packer put after each document)."""
+        eos_id, masking = self.tokenizer.eos_id, self.config.document_masking
+        return [
+            causal_lm_batch(chunk, eos_id, masking)
+            for chunk in self.next_rows().split(self.micro_batch_size)
+        ]
+
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the next global batch, each (inputs, labels) of (b, T)."""
+        return [(b.input_ids, b.labels) for b in self.next_step()]
+
+    def next_rows(self) -> torch.Tensor:
+        """This rank's sequences of the next global batch, (B / world, T + 1)."""
         parts = self._next_round(self.shards)
         for shard in self.shards:
             if parts[shard].ended:
@@ -526,11 +540,7 @@ class ShardedBatchLoader:
                     f"logical shard {shard} of {self.num_shards} has no usable documents "
                     "(fewer good records than data.logical_shards?)"
                 )
-        mine = torch.stack([sequence for s in self.shards for sequence in parts[s].sequences])
-        return [
-            (chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
-            for chunk in mine.split(self.micro_batch_size)
-        ]
+        return torch.stack([sequence for s in self.shards for sequence in parts[s].sequences])
 
     def drain(self) -> dict[int, list[int]]:
         """Without `loop`: every remaining token of each of this rank's shards, in order.
@@ -643,7 +653,15 @@ def build_train_loader(
         sequences = build_packed_sequences(
             config.train, "train", tokenizer, config, skips, loop=True
         )
-        return GlobalBatchLoader(sequences, global_batch_seqs, micro_batch_size, rank, world_size)
+        return GlobalBatchLoader(
+            sequences,
+            global_batch_seqs,
+            micro_batch_size,
+            rank,
+            world_size,
+            eos_id=tokenizer.eos_id,
+            document_masking=config.document_masking,
+        )
     return ShardedBatchLoader(
         config.train,
         tokenizer,

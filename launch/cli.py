@@ -6,21 +6,17 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import yaml
 
 EXIT_USAGE = 2
-
-if TYPE_CHECKING:
-    from trainer.config import TrainConfig
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipeline.errors import DataError
     from launch.environment import LaunchError
     from model.config import ModelConfigError
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpointing.checkpoint import CheckpointError
     from trainer.config_io import ConfigError
     from trainer.health import TrainingHealthError
 
@@ -52,7 +48,7 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int | None
     from trainer.config_io import ConfigError, split_global_batch
     from trainer.deepspeed_config import build_deepspeed_config
     from trainer.expert_parallel import check_expert_parallel
-    from trainer.memory import model_state_memory
+    from trainer.planning.memory import model_state_memory
 
     config = load_config(config_path, overrides)
     preflight(config)
@@ -146,49 +142,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launch.environment import detect_environment
     from trainer.config import load_job_config
     from trainer.distributed import destroy
+    from trainer.hooks import fault_injection_hooks
     from trainer.trainer import Trainer
 
-    config = load_job_config(args.config, args.set)
+    config = load_job_config(args.config, args.set, stage="pretrain")
     env = detect_environment()
     _setup_logging(env.is_main)
-    trainer = Trainer(
-        config,
-        env,
-        fail_at_step=args.fail_at_step,
-        stall_at_step=args.stall_at_step,
-        inject=args.inject,
-    )
+    hooks = fault_injection_hooks(args.fail_at_step, args.stall_at_step, args.inject)
+    trainer = Trainer(config, env, stage="pretrain", hooks=hooks)
     trainer.setup()
-    trainer.fit()
-    if env.is_main and config.train.sample_prompt and not trainer.preempted:
-        _print_sample(str(trainer.checkpoint_root), config.train, config.run.seed)
+    trainer.fit()  # the end-of-run sample is a hook (trainer.hooks.EndOfRunSample)
     destroy()
     return 0
-
-
-def _print_sample(checkpoint: str, config: TrainConfig, seed: int) -> None:
-    from model.generation import generate
-    from trainer.inference import load_checkpoint_model
-
-    assert config.sample_prompt is not None
-    loaded = load_checkpoint_model(checkpoint)
-    ids = generate(
-        loaded.model,
-        loaded.tokenizer.encode(config.sample_prompt),
-        config.sample_tokens,
-        temperature=config.sample_temperature,
-        top_p=config.sample_top_p,
-        stop_ids=loaded.tokenizer.stop_ids,
-        seed=seed,
-    )
-    how = (
-        "greedy"
-        if config.sample_temperature <= 0
-        else f"temperature {config.sample_temperature}, top-p {config.sample_top_p}"
-    )
-    print(f"--- sample ({loaded.folder.name}, {how}) ---")
-    print(config.sample_prompt + loaded.tokenizer.decode(ids))
-    print("---")
 
 
 # ---------------------------------------------------------------------------- other commands

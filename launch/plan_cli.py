@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-# The GPUs trainer.hardware.PEAK_BF16_FLOPS knows, named here so that `scaletrain --help` need
-# not import torch; tests/test_cli_ux.py checks that the two agree.
+# The GPUs trainer.planning.hardware.PEAK_BF16_FLOPS knows, named here so that
+# `scaletrain --help` need not import torch; tests/test_cli_ux.py checks that the two agree.
 GPU_NAMES = ("H200", "H100", "A100", "L40S", "A10G", "V100", "MI300X")
 
 
@@ -73,8 +73,8 @@ def _record_planned_setup(path: str, gpus: int) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from trainer.config_io import ConfigError
-    from trainer.planning import PlanRequest, make_plan, parse_moe, write_plan_config
-    from trainer.scaling_laws import parse_loss_fit
+    from trainer.planning.planning import PlanRequest, make_plan, parse_moe, write_plan_config
+    from trainer.planning.scaling_laws import parse_loss_fit
 
     if args.flops is None and args.gpus is None:
         raise ConfigError("plan: give --flops F, or --gpus N --hours H --gpu NAME")
@@ -118,7 +118,7 @@ def _parse_budgets(text: str) -> list[float]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from trainer.sweep import SweepRequest, run_sweep
+    from trainer.planning.sweep import SweepRequest, run_sweep
 
     report = run_sweep(
         SweepRequest(

@@ -92,7 +92,7 @@ def check_tokenizer(path: str) -> None:
 def check_init_from(source: str) -> None:
     """`model.init_from`: `hf:DIR` with a config.json, a checkpoint folder, or a run dir (or
     its checkpoints/ folder) holding a complete checkpoint."""
-    from trainer import checkpoint as ckpt
+    from trainer.checkpointing import checkpoint as ckpt
 
     if source.startswith("hf:"):
         folder = Path(source.removeprefix("hf:"))

@@ -83,7 +83,7 @@ def test_help_lists_agree_with_the_registries() -> None:
     from launch.hf_cli import HF_FAMILIES
     from launch.plan_cli import GPU_NAMES
     from model.hf import FAMILIES
-    from trainer.hardware import PEAK_BF16_FLOPS
+    from trainer.planning.hardware import PEAK_BF16_FLOPS
 
     assert tuple(FAMILIES) == HF_FAMILIES
     assert tuple(PEAK_BF16_FLOPS) == GPU_NAMES
@@ -220,7 +220,7 @@ def test_nearest_global_batches_split_over_the_ranks() -> None:
 
 
 def test_no_checkpoint_message_says_where_it_looked(tmp_path: Path) -> None:
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpointing.checkpoint import CheckpointError
     from trainer.inference import resolve_checkpoint
 
     with pytest.raises(CheckpointError) as info:

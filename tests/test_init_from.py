@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from model.config import ModelConfig
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError
 from trainer.init_from import resolve_init_from_model, source_model_config

@@ -24,7 +24,7 @@ from launch.cli import main
 from model import build_model
 from model.config import ModelConfig
 from tests.helpers import synthetic_document
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, write_config
 from trainer.inference import load_checkpoint_model
 from trainer.merging import (

@@ -14,7 +14,7 @@ from launch.cli import main
 from model.flops import param_counts
 from model.transformer import Transformer
 from trainer.config import load_job_config
-from trainer.planning import (
+from trainer.planning.planning import (
     MoESpec,
     PlanRequest,
     activation_bytes,
@@ -22,7 +22,7 @@ from trainer.planning import (
     make_plan,
     plan_architecture,
 )
-from trainer.scaling_laws import (
+from trainer.planning.scaling_laws import (
     EPOCH_2024,
     HOFFMANN_2022,
     LossFit,
@@ -271,7 +271,7 @@ def test_fitter_bootstrap_intervals_cover_truth_under_noise() -> None:
 
 
 def test_sweep_grid_is_centred_on_the_approach1_size() -> None:
-    from trainer.sweep import SWEEP_SHAPES, shapes_for_budget, sweep_model
+    from trainer.planning.sweep import SWEEP_SHAPES, shapes_for_budget, sweep_model
 
     shapes = shapes_for_budget(1e11, 5, 64)
     assert len(shapes) == 5

@@ -21,7 +21,7 @@ from model import build_model
 from model.config import ModelConfig
 from tests.test_preference_data import CHATML, TemplateRenderer, chat_tokenizer
 from trainer import reference_cache as rc
-from trainer.checkpoint import CheckpointError
+from trainer.checkpointing.checkpoint import CheckpointError
 
 RECORDS = [
     {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome, I think."},

@@ -17,8 +17,8 @@ import pytest
 
 from tests.helpers import TINY_MOE_MODEL as MOE_MODEL
 from tests.test_resilience import config_file, run, step_lines, train_cmd
-from trainer import checkpoint as ckpt
-from trainer import reshard
+from trainer.checkpointing import checkpoint as ckpt
+from trainer.checkpointing import reshard
 
 STEPS, SAVED_AT = 8, 4
 # Routers with an aux-free bias: a buffer (not a parameter) that must survive the conversion too.

@@ -18,7 +18,7 @@ import yaml
 
 from tests.helpers import TINY_MOE_MODEL as TINY_MOE
 from tests.helpers import read_metrics, small_config
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

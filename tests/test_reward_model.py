@@ -164,7 +164,7 @@ def test_reward_checkpoint_exports_with_its_tokenizer(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from tests.test_hf_tokenizer import save_hf_folder
-    from trainer import checkpoint as ckpt
+    from trainer.checkpointing import checkpoint as ckpt
     from trainer.hf_checkpoint import import_hf
     from trainer.hf_reward import export_reward_checkpoint, load_reward_checkpoint
 

@@ -14,7 +14,7 @@ import yaml
 
 from tests.golden import GOLDEN, fingerprint, run_golden
 from tests.helpers import read_metrics, small_config
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.inference import load_checkpoint_model
 
 ROOT = Path(__file__).resolve().parents[1]

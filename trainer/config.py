@@ -53,6 +53,7 @@ class TrainConfig:
     spike_window: int = 100
     spike_min_history: int = 20
     max_nonfinite_in_a_row: int = 5  # stop after this many non-finite steps in a row
+    spike_max_in_a_row: int = 10  # after this many spikes in a row, accept the new loss level
     spike_rollback: bool = False  # on a spike, reload the latest checkpoint and skip its batches
     max_rollbacks: int = 3  # rollbacks per run; later spikes only skip their update
 
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(
                 f"max_nonfinite_in_a_row: must be >= 1, got {self.max_nonfinite_in_a_row}"
             )
+        if self.spike_max_in_a_row < 1:
+            raise ValueError(f"spike_max_in_a_row: must be >= 1, got {self.spike_max_in_a_row}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         if self.max_rollbacks < 0:
@@ -143,9 +146,27 @@ class CheckpointConfig:
             raise ValueError(f"async_timeout_s: must be positive, got {self.async_timeout_s}")
 
 
+# Extra config sections by stage: {stage: {section name: dataclass}} (see register_sections).
+_STAGE_SECTIONS: dict[str, dict[str, type]] = {}
+
+
+def register_sections(stage: str, sections: dict[str, type]) -> None:
+    """Let `load_job_config(..., stage=stage)` accept these top-level sections (e.g. `sft:`).
+
+    Each section is a dataclass owned by the stage; it lands in `JobConfig.sections[name]`
+    and is written back into config.yaml beside the common sections.
+    """
+    _STAGE_SECTIONS.setdefault(stage, {}).update(sections)
+
+
+def stage_sections(stage: str) -> dict[str, type]:
+    """The extra sections registered for `stage` (empty for pretraining)."""
+    return dict(_STAGE_SECTIONS.get(stage, {}))
+
+
 @dataclass
 class JobConfig:
-    """Everything one `scaletrain train` run needs."""
+    """Everything one run needs: the common sections, plus the stage's own in `sections`."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +175,8 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # The stage's extra sections by name (dataclasses); not a YAML key of its own.
+    sections: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
@@ -176,7 +199,9 @@ class JobConfig:
         return self.parallel.precision
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        raw = to_dict(self)
+        raw.pop("sections")
+        return raw | {name: to_dict(section) for name, section in self.sections.items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -204,16 +229,45 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def job_config_from_dict(raw: dict[str, Any], where: str = "") -> JobConfig:
-    """Build and validate a JobConfig from a nested mapping."""
+_COMMON_SECTIONS = ("run", "model", "tokenizer", "data", "train", "parallel", "checkpoint")
+
+
+def job_config_from_dict(
+    raw: dict[str, Any],
+    where: str = "",
+    stage: str = "pretrain",
+    ignore_unknown_sections: bool = False,
+) -> JobConfig:
+    """Build and validate a JobConfig from a nested mapping.
+
+    Top-level sections registered for `stage` are built into `JobConfig.sections`; with
+    `ignore_unknown_sections` (readers of a checkpoint's config.yaml, which may come from a
+    stage this process does not know) any other unknown section is dropped, not an error.
+    """
+    extra_types = stage_sections(stage)
+    common = {k: v for k, v in raw.items() if k not in extra_types}
+    if ignore_unknown_sections:
+        common = {k: v for k, v in common.items() if k in _COMMON_SECTIONS}
     try:
-        return from_dict(JobConfig, _expand_model_preset(raw))
+        config = from_dict(JobConfig, _expand_model_preset(common))
+        for name, section_type in extra_types.items():
+            config.sections[name] = from_dict(section_type, raw.get(name), name)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+    return config
 
 
-def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Load a YAML config (or the defaults when path is None) and apply `--set` overrides."""
+def load_job_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    stage: str = "pretrain",
+    ignore_unknown_sections: bool = False,
+) -> JobConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `--set` overrides.
+
+    `stage` names the training stage whose extra sections are accepted (register_sections);
+    `ignore_unknown_sections` is for reading a checkpoint's config.yaml (generate, eval, export).
+    """
     raw = load_yaml(path) if path is not None else {}
     if overrides:
         # Overrides may address keys the file leaves at their defaults (data.train.0.weight),
@@ -221,10 +275,16 @@ def load_job_config(path: str | Path | None, overrides: list[str] | None = None)
         # its preset is expanded afterwards.
         defaults = JobConfig().to_dict()
         defaults.pop("model")
+        defaults |= {name: to_dict(cls()) for name, cls in stage_sections(stage).items()}
         raw = _merge(defaults, raw)
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return job_config_from_dict(raw, where=str(path) if path is not None else "")
+    return job_config_from_dict(
+        raw,
+        where=str(path) if path is not None else "",
+        stage=stage,
+        ignore_unknown_sections=ignore_unknown_sections,
+    )
 
 
 def write_config(config: JobConfig, path: str | Path) -> None:

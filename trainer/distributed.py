@@ -88,6 +88,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return [float(v) for v in tensor.tolist()]
 
 
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """The largest of a few floats over all ranks (identity on one rank)."""
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [float(v) for v in tensor.tolist()]
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

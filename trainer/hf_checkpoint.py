@@ -31,7 +31,7 @@ from model.config import ModelConfig
 from model.hf import DEFAULT_MAX_SHARD_BYTES, HFFolder, family_for, write_hf_weights
 from model.hf.weights import iter_converted, load_hf_into_model
 from model.transformer import Transformer
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config, write_config
 from trainer.config_io import ConfigError
 
@@ -89,7 +89,7 @@ def export_checkpoint(
 
     folder = resolve_checkpoint(checkpoint)
     ckpt.verify_checkpoint(folder)
-    config = load_job_config(folder / "config.yaml")
+    config = load_job_config(folder / "config.yaml", ignore_unknown_sections=True)
     family = family_for(config.model, architecture)
     weights = folder / "model.safetensors"
     out = Path(out)

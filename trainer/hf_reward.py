@@ -17,7 +17,7 @@ from data_pipeline.tokenizer import Tokenizer
 from model import build_model
 from model.hf.reward_export import SCORE_NAME, save_reward_model_as_hf
 from model.reward import RewardModel
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config
 from trainer.hf_checkpoint import DTYPES, write_tokenizer_files
 

@@ -7,17 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from data_pipeline.batch import causal_lm_batch
 from data_pipeline.config import DataConfig, SourceConfig
-from data_pipeline.packing import build_packed_sequences
-from data_pipeline.sources import SkipCounter
+from data_pipeline.packing import validation_sequences
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model
 from model.transformer import Transformer
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config
+from trainer.objectives.causal_lm import CausalLMObjective
 
 
 @dataclass
@@ -47,7 +47,7 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedCheckp
     """Verify a checkpoint and build its model from model.safetensors (any ZeRO stage or world size)."""
     folder = resolve_checkpoint(path)
     ckpt.verify_checkpoint(folder)
-    config = load_job_config(folder / "config.yaml")
+    config = load_job_config(folder / "config.yaml", ignore_unknown_sections=True)
     model = build_model(config.model, "meta")
     model.to_empty(device=device)
     model.load_state_dict(load_file(folder / "model.safetensors", device=device), strict=True)
@@ -65,27 +65,22 @@ def evaluate_source(
         seq_len=loaded.config.data.seq_len,
         builtin_validation_percent=loaded.config.data.builtin_validation_percent,
     )
-    stream = build_packed_sequences(
-        [SourceConfig(path=source)],
-        split,
-        loaded.tokenizer,
-        data_config,
-        SkipCounter(False),
-        loop=False,
+    sequences = validation_sequences(
+        SourceConfig(path=source), loaded.tokenizer, data_config, max_sequences, split
     )
-    sequences = [s for _, s in zip(range(max_sequences), stream, strict=False)]
     if not sequences:
         raise ckpt.CheckpointError(
             f"{source}: no sequence of {data_config.seq_len} tokens to evaluate"
         )
-    loss_sum, tokens = 0.0, 0
+    objective = CausalLMObjective(data_config.seq_len)
+    loss_sum, tokens = 0.0, 0.0
     for chunk in torch.stack(sequences).split(batch_size):
-        logits = loaded.model(chunk[:, :-1])
-        loss_sum += F.cross_entropy(
-            logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
-        ).item()
-        tokens += chunk[:, 1:].numel()
-    return loss_sum / tokens, tokens
+        chunk_sum, chunk_tokens = objective.eval_step(loaded.model, causal_lm_batch(chunk))[
+            "eval_loss"
+        ]
+        loss_sum += chunk_sum
+        tokens += chunk_tokens
+    return loss_sum / tokens, int(tokens)
 
 
 def perplexity(loss: float) -> float:

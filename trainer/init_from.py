@@ -69,7 +69,7 @@ def source_model_config(init_from: str) -> ModelConfig:
             return HFFolder(hf_dir).model_config()
         except HFFormatError as exc:
             raise ConfigError(f"model.init_from: {exc}") from None
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpointing.checkpoint import CheckpointError
     from trainer.inference import resolve_checkpoint
 
     try:

@@ -38,7 +38,7 @@ from data_pipeline.tokenizer import Tokenizer
 from model.hf import HFFolder
 from model.hf.state_dict import ours_to_hf_names
 from model.hf.weights import expected_shapes
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config, write_config
 from trainer.config_io import ConfigError, load_yaml
 

@@ -1,13 +1,19 @@
-"""Metrics sinks on rank 0: metrics.jsonl and TensorBoard."""
+"""Metrics: their reduction over micro-batches and ranks, and the sinks on rank 0
+(metrics.jsonl and TensorBoard)."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from trainer.distributed import all_reduce_max, all_reduce_sum
+from trainer.objectives.base import Reduction, StepOutput
 
 
 def _clean(value: Any) -> Any:
@@ -50,3 +56,51 @@ class MetricsLogger:
     def close(self) -> None:
         self._file.close()
         self.writer.close()
+
+
+@dataclass
+class StepTotals:
+    """One training step's metrics reduced over micro-batches and ranks, with its work."""
+
+    metrics: dict[str, Any]
+    tokens: int  # non-padding tokens, all ranks
+    flops: float  # all ranks
+
+
+def reduce_step_outputs(
+    outputs: list[StepOutput], device: torch.device, world_size: int
+) -> StepTotals:
+    """Combine the micro-batches' outputs of every rank, each metric by its declared
+    reduction (a collective: every rank must call, with the same metric names).
+
+    Sums, means, tokens and flops travel in one all-reduce; maxima in a second only when
+    some metric asks for one.
+    """
+    declared: dict[str, Reduction] = {}
+    for output in outputs:
+        for name, metric in output.metrics.items():
+            declared.setdefault(name, metric.reduce)
+    names = sorted(declared)
+    summed = [n for n in names if declared[n] in ("sum", "mean")]
+    maxed = [n for n in names if declared[n] == "max"]
+    totals = []
+    for name in summed:
+        values = [float(o.metrics[name].value) for o in outputs if name in o.metrics]
+        total = sum(values)
+        totals.append(total / len(values) if declared[name] == "mean" else total)
+    tokens, flops = sum(o.tokens for o in outputs), sum(o.flops for o in outputs)
+    *reduced, all_tokens, all_flops = all_reduce_sum([*totals, float(tokens), flops], device)
+    maxima = all_reduce_max(
+        [max(float(o.metrics[n].value) for o in outputs if n in o.metrics) for n in maxed],
+        device,
+    )
+    metrics: dict[str, Any] = {}
+    for name, value in zip(summed, reduced, strict=True):
+        metrics[name] = value / world_size if declared[name] == "mean" else value
+    metrics |= dict(zip(maxed, maxima, strict=True))
+    for name in names:
+        if declared[name] == "last":
+            metrics[name] = next(
+                o.metrics[name].value for o in reversed(outputs) if name in o.metrics
+            )
+    return StepTotals(metrics, int(all_tokens), all_flops)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from data_pipeline.batch import Batch
-from trainer.checkpoint import TMP_PREFIX, CheckpointError
+from trainer.checkpointing.checkpoint import TMP_PREFIX, CheckpointError
 from trainer.losses.preference import sequence_logps
 
 CACHE_FILE = "reference_logps.safetensors"

@@ -18,7 +18,7 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 
-Reduction = Literal["sum", "mean", "max"]
+Reduction = Literal["sum", "mean", "max", "last"]
 
 
 @dataclass
@@ -27,10 +27,11 @@ class Metric:
 
     sum: added over micro-batches and ranks (use it for values already divided by the global
     unit count, e.g. a per-token mean); mean: averaged over micro-batches, then ranks;
-    max: the largest anywhere.
+    max: the largest anywhere; last: rank 0's value from its last micro-batch, not reduced
+    (for a non-scalar such as a histogram; it reaches metrics.jsonl but not TensorBoard).
     """
 
-    value: float
+    value: Any
     reduce: Reduction = "sum"
 
 

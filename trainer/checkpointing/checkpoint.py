@@ -52,18 +52,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush one file or directory entry to disk (the one open/fsync/close of the project)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root`, then `root` itself."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(root)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write a small text file and flush it, then its folder's entry."""
+    path.write_text(text)
+    fsync_path(path)
+    fsync_path(path.parent)
 
 
 def write_manifest(folder: Path, extra: dict[str, Any]) -> None:
@@ -104,17 +113,15 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
 def publish(tmp_folder: Path, checkpoint_root: Path, step: int, keep: int) -> Path:
     """Make a finished temporary folder visible: fsync, rename, update `latest`, prune."""
     final = checkpoint_root / step_dir_name(step)
-    _fsync_tree(tmp_folder)
+    fsync_tree(tmp_folder)
     verify_checkpoint(tmp_folder)
     if final.exists():
         _remove_atomically(final)
     os.rename(tmp_folder, final)
     latest_tmp = checkpoint_root / f"{TMP_PREFIX}{LATEST}"
-    latest_tmp.write_text(final.name + "\n")
-    with latest_tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
+    write_durably(latest_tmp, final.name + "\n")
     os.replace(latest_tmp, checkpoint_root / LATEST)
-    _fsync_tree_dir(checkpoint_root)
+    fsync_path(checkpoint_root)
     if keep > 0:
         for old in complete_checkpoints(checkpoint_root)[:-keep]:
             _remove_atomically(old)
@@ -129,14 +136,6 @@ def _remove_atomically(folder: Path) -> None:
         shutil.rmtree(doomed)
     os.rename(folder, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync_tree_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def complete_checkpoints(checkpoint_root: Path) -> list[Path]:

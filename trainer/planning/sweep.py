@@ -2,7 +2,7 @@
 
 Each budget C trains a few shapes around the Chinchilla optimum for exactly D = C / (6N)
 tokens (cosine schedule over that horizon, as Hoffmann et al. do), measures held-out loss,
-then fits L(N, D) = E + A/N^alpha + B/D^beta to every point (trainer.scaling_laws).
+then fits L(N, D) = E + A/N^alpha + B/D^beta to every point (trainer.planning.scaling_laws).
 Tokens are the bytes of the Python standard library's source (vocabulary 256), so the sweep
 needs no tokenizer and no download; the budgets are tiny enough for a CPU.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from data_pipeline.sources import stdlib_files
 from model.config import ModelConfig
 from model.flops import param_counts
 from model.transformer import Transformer
+from trainer.config import TrainConfig
 from trainer.config_io import ConfigError
-from trainer.scaling_laws import EPOCH_2024, HOFFMANN_2022, FitResult, LossFit, fit_loss_law
+from trainer.losses.cross_entropy import cross_entropy_sum
+from trainer.optim import lr_multiplier
+from trainer.planning.scaling_laws import (
+    EPOCH_2024,
+    HOFFMANN_2022,
+    FitResult,
+    LossFit,
+    fit_loss_law,
+)
 
 # Shapes of the grid, smallest to largest: (dim, n_layers). Tied embeddings, vocabulary 256.
 SWEEP_SHAPES: list[tuple[int, int]] = [
@@ -96,12 +104,13 @@ def sweep_model(dim: int, n_layers: int, seq_len: int) -> ModelConfig:
 
 
 def stdlib_bytes(limit_bytes: int) -> np.ndarray:
-    """The first `limit_bytes` bytes of the standard library's .py files, in sorted order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """The first `limit_bytes` bytes of the standard library's .py files (the data pipeline's
+    `builtin:stdlib` reader, test packages left out), in sorted order."""
     chunks: list[bytes] = []
     total = 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
+    for name in stdlib_files("train", validation_percent=0.0):
+        path = Path(name)
+        if "test" in path.parts:
             continue
         data = path.read_bytes()
         chunks.append(data)
@@ -126,23 +135,20 @@ def train_point(
     optimizer = torch.optim.AdamW(model.parameters(), lr=request.lr, betas=(0.9, 0.95))
     batch_tokens = request.batch_seqs * request.seq_len
     steps = max(1, round(tokens / batch_tokens))
-    warmup = max(1, steps // 20)
+    # Linear warmup, then cosine to 10% over exactly the planned horizon (the run's schedule).
+    schedule = TrainConfig(
+        max_steps=steps, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1, schedule="cosine"
+    )
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        # Linear warmup, then cosine to 10% over exactly the planned horizon.
-        if step < warmup:
-            scale = (step + 1) / warmup
-        else:
-            progress = (step - warmup) / max(1, steps - warmup)
-            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
-            group["lr"] = request.lr * scale
+            group["lr"] = request.lr * lr_multiplier(step, schedule)
         starts = torch.randint(
             0, train_data.numel() - request.seq_len - 1, (request.batch_seqs,), generator=generator
         )
         batch = torch.stack([train_data[s : s + request.seq_len + 1] for s in starts.tolist()])
         logits = model(batch[:, :-1])  # (B, T, vocab)
-        loss = F.cross_entropy(logits.reshape(-1, BYTE_VOCAB), batch[:, 1:].reshape(-1))
+        loss = cross_entropy_sum(logits, batch[:, 1:]) / batch[:, 1:].numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -150,13 +156,13 @@ def train_point(
     model.eval()
     with torch.no_grad():
         logits = model(eval_batch[:, :-1])
-        eval_loss = F.cross_entropy(logits.reshape(-1, BYTE_VOCAB), eval_batch[:, 1:].reshape(-1))
+        eval_loss = cross_entropy_sum(logits, eval_batch[:, 1:]) / eval_batch[:, 1:].numel()
     return float(eval_loss), steps
 
 
 def shapes_for_budget(budget: float, count: int, seq_len: int) -> list[tuple[int, int]]:
     """`count` consecutive grid shapes centred on the Chinchilla approach-1 size for `budget`."""
-    from trainer.scaling_laws import approach1_optimum
+    from trainer.planning.scaling_laws import approach1_optimum
 
     target, _ = approach1_optimum(budget)
     sizes = [param_counts(sweep_model(d, n, seq_len)).total for d, n in SWEEP_SHAPES]

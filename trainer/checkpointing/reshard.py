@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def converted_checkpoint(
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
     ckpt.write_manifest(tmp, {"source": str(folder), "source_name": folder.name})
-    ckpt._fsync_tree(tmp)  # durable before it becomes visible, as for saves
+    ckpt.fsync_tree(tmp)  # durable before it becomes visible, as for saves
     os.rename(tmp, target)
-    ckpt._fsync_tree_dir(cache_root)
+    ckpt.fsync_path(cache_root)
     return target
 
 

@@ -1,6 +1,6 @@
 """`scaletrain plan`: from a compute budget to a model shape, token count, batch, memory and config.
 
-The rule (trainer.scaling_laws) gives the compute-optimal N and D; this module finds a
+The rule (trainer.planning.scaling_laws) gives the compute-optimal N and D; this module finds a
 Llama-style shape with that many parameters, sizes the batch and learning rate, estimates
 per-GPU memory and writes a config `scaletrain train` accepts.
 """
@@ -24,9 +24,9 @@ from trainer.config import (
     write_config,
 )
 from trainer.config_io import ConfigError
-from trainer.hardware import PEAK_BF16_FLOPS
-from trainer.memory import model_state_memory
-from trainer.scaling_laws import (
+from trainer.planning.hardware import PEAK_BF16_FLOPS
+from trainer.planning.memory import model_state_memory
+from trainer.planning.scaling_laws import (
     HOFFMANN_2022,
     LOSS_FITS,
     LossFit,

@@ -1,7 +1,7 @@
 """Asynchronous checkpoint saving: snapshot at the save step, write in a background thread.
 
 DeepSpeed writes every file of `engine.save_checkpoint` through `engine.checkpoint_engine`
-(its CheckpointEngine abstraction). `SnapshotCheckpointEngine` plugs into that seam: during the
+(its CheckpointEngine abstraction). `deepspeed_internals.SnapshotCheckpointEngine` plugs into that seam: during the
 save call it only copies each state dict to CPU (so later steps cannot leak into it) and keeps
 the (copy, path) pairs; a `BackgroundSave` thread later writes them with DeepSpeed's own
 torch.save engine. DeepSpeed's own DecoupledCheckpointEngine was not used: it queues the live
@@ -18,53 +18,19 @@ leaves at most a `.tmp-*` folder, which resume ignores and the next start remove
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from trainer.checkpointing import checkpoint as ckpt
 
 RANKS_DIR = ".ranks"
 
 
-class SnapshotCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch.save engine whose `save` keeps a CPU copy instead of writing.
-
-    Loads go straight through (resume and rollback read files synchronously).
-    """
-
-    def __init__(self, config_params: Any = None) -> None:
-        super().__init__(config_params)
-        self._pending: list[tuple[Any, str]] = []
-
-    def save(self, state_dict: Any, path: str) -> None:
-        self._pending.append((clone_tensors_for_torch_save(state_dict), path))
-
-    def take_snapshot(self) -> list[tuple[Any, str]]:
-        """The copies captured since the last call, to hand to the writer thread."""
-        pending, self._pending = self._pending, []
-        return pending
-
-    def write(self, snapshot: list[tuple[Any, str]]) -> list[Path]:
-        """Write captured state dicts with torch.save (from the writer thread)."""
-        written = []
-        for state_dict, path in snapshot:
-            super().save(state_dict, path)
-            written.append(Path(path))
-        return written
-
-
 def fsync_files(paths: list[Path]) -> None:
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        ckpt.fsync_path(path)
 
 
 def mark_rank_done(tmp_folder: Path, rank: int, error: str | None = None) -> None:
@@ -73,14 +39,9 @@ def mark_rank_done(tmp_folder: Path, rank: int, error: str | None = None) -> Non
     markers.mkdir(exist_ok=True)
     name = f"rank_{rank:05d}"
     if error is None:
-        (markers / f"{name}.ok").write_text("ok\n")
+        ckpt.write_durably(markers / f"{name}.ok", "ok\n")
     else:
-        (markers / f"{name}.failed").write_text(error + "\n")
-    fd = os.open(markers, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        ckpt.write_durably(markers / f"{name}.failed", error + "\n")
 
 
 def wait_for_ranks(tmp_folder: Path, world_size: int, timeout_s: float) -> None:

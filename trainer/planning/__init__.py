@@ -1,0 +1,1 @@
+"""Planning a run before it starts: memory estimates, hardware peaks, scaling laws, the sweep."""

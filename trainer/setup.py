@@ -1,0 +1,93 @@
+"""What a run builds before its first step: the batch split, the tokenizer, initial weights."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
+from model.transformer import Transformer
+from trainer.config import JobConfig
+from trainer.config_io import ConfigError
+from trainer.distributed import DistEnv, barrier
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derive_micro_batch_size(per_rank_seqs: int, cap: int) -> int:
+    """The largest micro-batch <= cap that divides this rank's share of the global batch."""
+    for size in range(min(cap, per_rank_seqs), 0, -1):
+        if per_rank_seqs % size == 0:
+            return size
+    return 1
+
+
+def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) that make up the global batch on `world_size` ranks."""
+    if config.global_batch_seqs % world_size:
+        raise ConfigError(
+            f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not "
+            f"split over {world_size} ranks"
+        )
+    per_rank = config.global_batch_seqs // world_size
+    micro = config.train.micro_batch_size or derive_micro_batch_size(
+        per_rank, config.train.max_micro_batch_size
+    )
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences per rank"
+        )
+    return micro, per_rank // micro
+
+
+def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokenizer:
+    """The run's tokenizer: reuse the run's copy, load `tokenizer.path`, the prepared shards' or
+    the `model.init_from` folder's (released weights need their own ids), or train one on rank 0."""
+    target = run_dir / "tokenizer"
+    init_dir = Path(config.model.init_from.removeprefix("hf:")) if config.model.init_from else None
+    if env.is_main and not Tokenizer.found_in(target):
+        if config.tokenizer.path:
+            tokenizer = Tokenizer.load(config.tokenizer.path)
+        elif config.data.prepared:  # shards are tokenized already: use their tokenizer
+            tokenizer = Tokenizer.load(config.data.prepared)
+        elif init_dir is not None and Tokenizer.found_in(init_dir):
+            tokenizer = Tokenizer.load(init_dir)
+        else:
+            logger.info("training a %d-piece tokenizer on data.train", config.tokenizer.vocab_size)
+            tokenizer = train_tokenizer_on_sources(config.tokenizer, config.data)
+        tokenizer.save(target)
+    barrier()
+    return Tokenizer.load(target)
+
+
+def load_weights(model: Transformer, source: str) -> None:
+    """Copy weights into `model` from a scaletrain checkpoint folder or `hf:DIR` (`init_from`)."""
+    from safetensors.torch import load_file
+
+    if source.startswith("hf:"):
+        from trainer.hf_checkpoint import load_hf_weights
+
+        load_hf_weights(model, source)
+        return
+
+    path = Path(source)
+    weights_file = path / "model.safetensors" if path.is_dir() else path
+    if not weights_file.is_file():
+        raise ConfigError(f"model.init_from: {source}: no model.safetensors found")
+    state = load_file(weights_file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.init_from: {source}: weights do not fit the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

@@ -1,0 +1,130 @@
+"""Training stages: a stage = an objective + a loader of typed batches + its own config sections.
+
+The loop (trainer/trainer.py) is the same for every stage. `scaletrain train` runs the
+"pretrain" stage registered below; a post-training stage registers itself the same way (and its
+config sections with it), so that `scaletrain sft CONFIG` is a registration, not a second loop:
+
+    register_stage(Stage("sft", build_objective=..., build_loader=..., build_eval_sets=...,
+                         sections={"sft": SFTConfig, "chat": ChatConfig}))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from data_pipeline.batch import Batch, causal_lm_batch
+from data_pipeline.errors import DataError
+from data_pipeline.packing import validation_sequences
+from data_pipeline.sharded import build_train_loader
+from data_pipeline.sources import SkipCounter
+from data_pipeline.tokenizer import Tokenizer
+from trainer.config import JobConfig, register_sections
+from trainer.distributed import DistEnv
+from trainer.objectives.base import Objective
+from trainer.objectives.causal_lm import CausalLMObjective
+
+
+class TrainLoader(Protocol):
+    """What the loop needs from a stage's training data."""
+
+    counts_are_local: bool  # True when skip/token counts cover this rank's data only
+
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches of the next optimizer step."""
+        ...
+
+    def state_dict(self, gather: Any = None) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def tokens_by_source(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class StageContext:
+    """What a stage's builders receive: the resolved config and what setup built."""
+
+    config: JobConfig
+    env: DistEnv
+    tokenizer: Tokenizer
+    skips: SkipCounter  # the run's skipped-record counter (checkpointed by the loop)
+    micro_batch_size: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage. `sections` are its extra top-level config sections (dataclasses)."""
+
+    name: str
+    build_objective: Callable[[StageContext], Objective]
+    build_loader: Callable[[StageContext], TrainLoader]
+    build_eval_sets: Callable[[StageContext], dict[str, list[Batch]]]
+    sections: dict[str, type] = field(default_factory=dict)
+
+
+_STAGES: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> None:
+    """Make `stage` available by name (and its config sections to `load_job_config`)."""
+    _STAGES[stage.name] = stage
+    register_sections(stage.name, stage.sections)
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage called `name`."""
+    if name not in _STAGES:
+        raise KeyError(f"unknown training stage {name!r} (known: {', '.join(sorted(_STAGES))})")
+    return _STAGES[name]
+
+
+# ---------------------------------------------------------------------------- pretraining
+def _pretrain_loader(ctx: StageContext) -> TrainLoader:
+    config = ctx.config
+    return build_train_loader(
+        ctx.tokenizer,
+        config.data,
+        ctx.skips,
+        config.global_batch_seqs,
+        ctx.micro_batch_size,
+        ctx.env.rank,
+        ctx.env.world_size,
+    )
+
+
+def _pretrain_eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
+    """This rank's share of fixed validation sequences, per validation source."""
+    config, env = ctx.config, ctx.env
+    wanted = config.train.eval_batches * ctx.micro_batch_size * env.world_size
+    sets = {}
+    for source in config.data.validation:
+        sequences = validation_sequences(source, ctx.tokenizer, config.data, wanted)
+        if not sequences:
+            raise DataError(
+                f"{source.path}: validation split yields no sequence of {config.data.seq_len} tokens"
+            )
+        per_rank = max(1, len(sequences) // env.world_size)
+        mine = sequences[env.rank * per_rank : (env.rank + 1) * per_rank]
+        stacked = (
+            torch.stack(mine) if mine else torch.empty(0, config.data.seq_len + 1, dtype=torch.long)
+        )
+        sets[source.label] = [
+            causal_lm_batch(chunk, ctx.tokenizer.eos_id, config.data.document_masking)
+            for chunk in stacked.split(ctx.micro_batch_size)
+        ]
+    return sets
+
+
+PRETRAIN = Stage(
+    name="pretrain",
+    build_objective=lambda ctx: CausalLMObjective(ctx.config.data.seq_len),
+    build_loader=_pretrain_loader,
+    build_eval_sets=_pretrain_eval_sets,
+)
+register_stage(PRETRAIN)
