@@ -73,6 +73,7 @@ class Shapes:
     moe_model: dict[str, Any]
     seq_lens: tuple[int, ...]  # the first one gets every variant, the others eager only
     micro_batch: dict[int, int]  # sequences per step by seq_len
+    moe_micro_batch: int  # the MoE row's (its model states alone are ~56 GB at 3.5B parameters)
     steps: int  # measured steps per run
     warmup_steps: int  # steps left out of the medians (allocator, compile, first batches)
     vocab_size: int  # the tokenizer's; the model keeps its preset vocabulary when larger
@@ -86,6 +87,7 @@ GPU = Shapes(
     moe_model={"preset": "moe-8x-1B-active"},
     seq_lens=(2048, 4096),
     micro_batch={2048: 8, 4096: 4},
+    moe_micro_batch=4,
     steps=24,
     warmup_steps=6,
     vocab_size=8192,
@@ -116,6 +118,7 @@ SMOKE = Shapes(
     },
     seq_lens=(64, 128),
     micro_batch={64: 2, 128: 1},
+    moe_micro_batch=2,
     steps=3,
     warmup_steps=1,
     vocab_size=320,
@@ -244,13 +247,18 @@ def skipped(row: str, reason: str) -> dict[str, Any]:
 
 
 def scaletrain_row(
-    ctx: Context, row: str, model: dict[str, Any], seq_len: int, parallel: dict[str, Any]
+    ctx: Context,
+    row: str,
+    model: dict[str, Any],
+    seq_len: int,
+    parallel: dict[str, Any],
+    micro_batch: int | None = None,
 ) -> dict[str, Any]:
     """One `scaletrain train` run; the medians of its metrics.jsonl after the warm-up steps."""
     if ctx.time_left() < 30:
         return skipped(row, "out of the suite's time budget")
     shapes = ctx.shapes
-    micro = shapes.micro_batch[seq_len]
+    micro = micro_batch or shapes.micro_batch[seq_len]
     total_steps = shapes.warmup_steps + shapes.steps
     run_dir = ctx.workdir / row
     config = {
@@ -405,7 +413,9 @@ def moe_row(ctx: Context, seq_len: int) -> dict[str, Any]:
     import torch
 
     row = f"moe-seq{seq_len}-eager"
-    result = scaletrain_row(ctx, row, ctx.shapes.moe_model, seq_len, {})
+    result = scaletrain_row(
+        ctx, row, ctx.shapes.moe_model, seq_len, {}, micro_batch=ctx.shapes.moe_micro_batch
+    )
     on_gpu = torch.cuda.is_available() and not ctx.smoke
     # model/moe/experts.py: torch._grouped_mm runs for bf16 CUDA tensors when torch has it.
     result["grouped_mm"] = on_gpu and hasattr(torch, "_grouped_mm")
