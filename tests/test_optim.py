@@ -77,7 +77,7 @@ def test_kernel_choice_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_deepspeed_steps_foreach_adamw_like_the_loop(zero_stage: int) -> None:
+def test_deepspeed_steps_fused_adamw_like_the_loop(zero_stage: int) -> None:
     """DeepSpeed steps fused AdamW at ZeRO-0/1/2 (one rank, fp32; at ZeRO-1/2 on its flat fp32
     partitions) and the updates equal the per-parameter loop's within 1e-6."""
     from launch.environment import detect_environment
