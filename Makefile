@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-slow check lint typecheck golden clean
+.PHONY: install train test test-slow check lint typecheck golden bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test-slow: $(STAMP)
 # Regenerate the checked-in golden loss curve (only after an intended numerics change).
 golden: $(STAMP)
 	$(PY) -m tests.golden --write
+
+# One GPU: 1B / MoE throughput through `scaletrain train`, vs transformers, attention paths
+# (bench/suite.py; <= 8 minutes on one H200; results in bench/results/).
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.suite
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

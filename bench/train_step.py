@@ -4,6 +4,7 @@ Both models get the same shape, weights, batch, dtype and optimizer (AdamW), and
 alternately in one run, so machine noise hits both alike; the ratio is the figure to read.
 
 Run:  python -m bench.train_step [--dim 256 --layers 4 --batch 8 --seq-len 256 --steps 10]
+      [--compile] [--profile 15]
 Needs `transformers` (the dev extra). Prints one JSON line per model and the ratio.
 """
 
@@ -46,6 +47,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add our model with every block torch.compile'd (inductor), timed in the same run",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="print the top N ops of one step of each model"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -81,7 +90,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return float(loss)
+            return loss.item()
 
         return step
 
@@ -89,11 +98,31 @@ def main() -> None:
         "scaletrain": make_step(ours, ours),
         "transformers": make_step(theirs, lambda x: theirs(input_ids=x).logits),
     }
-    first_losses = {name: step() for name, step in steps.items()}  # warm-up, and a parity check
+    compile_s = None
+    if args.compile:
+        compiled = build_model(config, device, seed=0).to(dtype)
+        for block in compiled.layers:
+            block.compile()
+        steps["scaletrain-compiled"] = make_step(compiled, compiled)
+    first_losses = {}
+    for name, step in steps.items():  # warm-up (and compilation), and a parity check
+        started = time.perf_counter()
+        first_losses[name] = step()  # type: ignore[operator]
+        if name == "scaletrain-compiled":
+            compile_s = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):  # alternate so that both see the same machine state
         for name, step in steps.items():
             times[name] += timed_steps(step, 1)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()  # type: ignore[operator]
+            print(f"# {name}: top {args.profile} ops of one step by self CPU time")
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
+            print(table)
     tokens = args.batch * args.seq_len
     results = {}
     for name, values in times.items():
@@ -112,11 +141,11 @@ def main() -> None:
                 }
             )
         )
-    print(
-        json.dumps(
-            {"ratio_scaletrain_over_transformers": results["scaletrain"] / results["transformers"]}
-        )
-    )
+    ratios = {"ratio_scaletrain_over_transformers": results["scaletrain"] / results["transformers"]}
+    if args.compile:
+        ratios["ratio_compiled_over_eager"] = results["scaletrain-compiled"] / results["scaletrain"]
+        ratios["first_compiled_step_s"] = compile_s
+    print(json.dumps(ratios))
 
 
 if __name__ == "__main__":

@@ -102,9 +102,11 @@ class ParallelConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload: Literal["none", "cpu"] = "none"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # selective: recompute every k-th block; selective_ops: keep matmul/attention outputs and
+    # recompute the element-wise ops of every block
+    activation_checkpointing: Literal["none", "full", "selective", "selective_ops"] = "none"
     checkpoint_every: int = 2  # selective: recompute every k-th block
-    compile: bool = False  # torch.compile each block (CUDA only)
+    compile: bool = False  # torch.compile each block (inductor; CPU too)
     overlap_comm: bool | None = None  # None: on with CUDA, off on CPU
     reduce_bucket_size: int = 50_000_000  # elements
     allgather_bucket_size: int = 50_000_000  # elements
