@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Record formats of post-training sources (`format:` on a source); see data_pipeline.conversations.
+RECORD_FORMATS = ("text", "messages", "prompt_completion", "sharegpt")
+
 
 @dataclass
 class SourceConfig:
@@ -13,12 +16,18 @@ class SourceConfig:
     weight: float = 1.0
     text_field: str = "text"
     name: str | None = None
+    # Record format for post-training (None: detected from each record's fields).
+    format: str | None = None
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("path: must not be empty")
         if self.weight <= 0:
             raise ValueError(f"weight: must be > 0, got {self.weight}")
+        if self.format is not None and self.format not in RECORD_FORMATS:
+            raise ValueError(
+                f"format: must be one of {', '.join(RECORD_FORMATS)}, got {self.format!r}"
+            )
 
     @property
     def label(self) -> str:
@@ -135,3 +144,37 @@ class TokenizerConfig:
             )
         if self.model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type: must be 'bpe' or 'unigram', got {self.model_type!r}")
+
+
+@dataclass
+class SFTConfig:
+    """`sft.*`: which tokens carry the loss, how conversations fill rows, and what to do with a
+    conversation longer than `data.seq_len`."""
+
+    train_on: str = "assistant"  # assistant | last_assistant | all
+    packing: bool = True  # pack conversations into rows (document-masked) or pad one per row
+    truncation: str = "error"  # error | drop | truncate (keeps the prompt, cuts the response)
+    pack_buffer: int = 1000  # conversations sorted together by best-fit decreasing
+
+    def __post_init__(self) -> None:
+        if self.train_on not in ("assistant", "last_assistant", "all"):
+            raise ValueError(
+                f"train_on: must be 'assistant', 'last_assistant' or 'all', got {self.train_on!r}"
+            )
+        if self.truncation not in ("error", "drop", "truncate"):
+            raise ValueError(
+                f"truncation: must be 'error', 'drop' or 'truncate', got {self.truncation!r}"
+            )
+        if self.pack_buffer < 1:
+            raise ValueError(f"pack_buffer: must be >= 1, got {self.pack_buffer}")
+
+
+@dataclass
+class ChatConfig:
+    """`chat.*`: the chat template: `auto` (the checkpoint's own), `chatml`, or a .jinja path."""
+
+    template: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.template:
+            raise ValueError("template: must be 'auto', 'chatml' or a path to a .jinja file")

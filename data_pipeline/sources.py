@@ -29,6 +29,7 @@ from data_pipeline.errors import DataError
 logger = logging.getLogger(__name__)
 
 BUILTIN_STDLIB = "builtin:stdlib"
+BUILTIN_STDLIB_INSTRUCT = "builtin:stdlib-instruct"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -232,6 +233,14 @@ def resolve_local_files(path: str) -> list[str]:
     return files
 
 
+def _extract(record: dict[str, Any], where: str, field: str | None, skips: SkipCounter) -> Any:
+    """The checked text of `record[field]`, or, with `field` None (record-level reading for
+    post-training formats), the record itself."""
+    if field is None:
+        return record
+    return _check_text(record.get(field), where, field, skips)
+
+
 def _check_text(value: Any, where: str, field: str, skips: SkipCounter) -> str | None:
     if value is None:
         skips.skip(where, f"missing field '{field}'")
@@ -374,8 +383,8 @@ def _decode(
 
 
 def _iter_json_array(
-    file: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str | None]]:
+    file: str, field: str | None, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, Any]]:
     try:
         with _open_binary(file) as handle:
             raw = handle.read()
@@ -401,7 +410,7 @@ def _iter_json_array(
             skips.skip(where, "record is not a JSON object")
             yield where, None
             continue
-        yield where, _check_text(record.get(field), where, field, skips)
+        yield where, _extract(record, where, field, skips)
 
 
 def _starts_with_bracket(file: str) -> bool:
@@ -413,8 +422,8 @@ def _starts_with_bracket(file: str) -> bool:
 
 
 def _iter_jsonl(
-    file: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str | None]]:
+    file: str, field: str | None, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, Any]]:
     if _base_suffix(file) == ".json" and _starts_with_bracket(file):
         yield from _iter_json_array(file, field, skips, cursor)
         return
@@ -437,7 +446,7 @@ def _iter_jsonl(
             skips.skip(where, "record is not a JSON object")
             yield where, None
             continue
-        yield where, _check_text(record.get(field), where, field, skips)
+        yield where, _extract(record, where, field, skips)
 
 
 def _iter_text_files(
@@ -459,21 +468,21 @@ def _iter_text_files(
 
 
 def _iter_parquet(
-    file: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str | None]]:
+    file: str, field: str | None, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, Any]]:
     rows = datasets.load_dataset("parquet", data_files=[file], split="train", streaming=True)
     for row_no, row in enumerate(_rows(rows, file, skips, cursor.reader), start=1):
-        if field not in row:
+        if field is not None and field not in row:
             raise DataError(f"{file}: no column '{field}' (columns: {', '.join(row)})")
         if not cursor.take():
             continue
         where = f"{file}:{row_no}"
-        yield where, _check_text(row[field], where, field, skips)
+        yield where, _extract(dict(row), where, field, skips)
 
 
 def _iter_hub(
-    name: str, split: str, field: str, skips: SkipCounter, cursor: _Cursor
-) -> Iterator[tuple[str, str | None]]:
+    name: str, split: str, field: str | None, skips: SkipCounter, cursor: _Cursor
+) -> Iterator[tuple[str, Any]]:
     dataset_name, _, config_name = name.partition(":")
     try:
         rows = datasets.load_dataset(dataset_name, config_name or None, split=split, streaming=True)
@@ -483,12 +492,12 @@ def _iter_hub(
         if not cursor.take():
             continue
         where = f"hf:{name}#{row_no}"
-        yield where, _check_text(row.get(field), where, field, skips)
+        yield where, _extract(dict(row), where, field, skips)
 
 
 def source_files(source: SourceConfig, split: str, validation_percent: float = 2.0) -> list[str]:
     """The local files behind `source` in their unshuffled order ([] for hub datasets)."""
-    if source.path == BUILTIN_STDLIB:
+    if source.path in (BUILTIN_STDLIB, BUILTIN_STDLIB_INSTRUCT):
         return stdlib_files(split, validation_percent)
     if source.path.startswith(("builtin:", "hf:")):
         return []
@@ -542,18 +551,31 @@ def _outcomes_at(
     shuffle_seed: int,
     validation_percent: float,
     cursor: _Cursor,
-) -> Iterator[tuple[str, str | None]]:
+    records: bool = False,
+) -> Iterator[tuple[str, Any]]:
+    """Texts (`source.text_field`), or with `records` the whole JSON records, of the source."""
+    field = None if records else source.text_field
+    if source.path == BUILTIN_STDLIB_INSTRUCT:
+        if not records:
+            raise DataError(f"{source.path}: an instruction set, for post-training stages only")
+        for where, record in stdlib_instructions(split, validation_percent):
+            if cursor.take():
+                yield where, record
+        return
     if source.path == BUILTIN_STDLIB:
         counted = epoch == 0 and cursor.reader.counts_shared  # files, not records: count once
         files = stdlib_files(split, validation_percent, skips if counted else None)
         if split == "train":
             random.Random(f"{shuffle_seed}:{epoch}").shuffle(files)
-        yield from _iter_text_files(files, skips, cursor)
+        yield from _as_records(_iter_text_files(files, skips, cursor), records)
         return
     if source.path.startswith("builtin:"):
-        raise DataError(f"{source.path}: unknown builtin corpus (known: {BUILTIN_STDLIB})")
+        raise DataError(
+            f"{source.path}: unknown builtin corpus "
+            f"(known: {BUILTIN_STDLIB}, {BUILTIN_STDLIB_INSTRUCT})"
+        )
     if source.path.startswith("hf:"):
-        yield from _iter_hub(source.path[3:], split, source.text_field, skips, cursor)
+        yield from _iter_hub(source.path[3:], split, field, skips, cursor)
         return
     files = resolve_local_files(source.path)
     if split == "train":
@@ -565,11 +587,43 @@ def _outcomes_at(
             continue
         suffix = _base_suffix(file)
         if suffix in JSONL_SUFFIXES:
-            yield from _iter_jsonl(file, source.text_field, skips, cursor)
+            yield from _iter_jsonl(file, field, skips, cursor)
         elif suffix in PARQUET_SUFFIXES:
-            yield from _iter_parquet(file, source.text_field, skips, cursor)
+            yield from _iter_parquet(file, field, skips, cursor)
         else:
-            yield from _iter_text_files([file], skips, cursor)
+            yield from _as_records(_iter_text_files([file], skips, cursor), records)
+
+
+def _as_records(
+    outcomes: Iterator[tuple[str, str | None]], records: bool
+) -> Iterator[tuple[str, Any]]:
+    """Whole-file documents, as `{"text": ...}` records when reading records."""
+    for where, text in outcomes:
+        yield where, ({"text": text} if records and text is not None else text)
+
+
+def iter_record_outcomes(
+    source: SourceConfig,
+    split: str,
+    skips: SkipCounter,
+    epoch: int = 0,
+    shuffle_seed: int = 0,
+    validation_percent: float = 2.0,
+    reader: Reader | None = None,
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(where, record) for every record of `source` this reader owns: the JSON objects (rows)
+    as they are, for the post-training formats that read several fields; plain-text files as
+    `{"text": ...}`. None marks a bad record (counted in `skips`, or raised when strict)."""
+    yield from _outcomes_at(
+        source,
+        split,
+        skips,
+        epoch,
+        shuffle_seed,
+        validation_percent,
+        _Cursor(reader or Reader()),
+        records=True,
+    )
 
 
 def iter_records(
@@ -607,3 +661,52 @@ def iter_documents(
             skips.drop(reason)
             continue
         yield text
+
+
+_TEST_FOLDERS = {"test", "tests", "idle_test"}
+
+
+def _first_paragraph(docstring: str) -> str:
+    return docstring.strip().split("\n\n")[0].strip()
+
+
+def stdlib_instructions(
+    split: str, validation_percent: float = 2.0, max_per_file: int = 8
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`builtin:stdlib-instruct`: (where, messages record) pairs built from the standard library.
+
+    The user gives a public function's signature, the assistant answers with the first
+    paragraph of its docstring. Files are split as `builtin:stdlib` splits them (by file hash),
+    so the held-out split shares no file with training; at most `max_per_file` functions per
+    file, in source order, so the set stays small and every run builds the same one.
+    """
+    import ast
+
+    for file in stdlib_files(split, validation_percent):
+        if _TEST_FOLDERS & set(Path(file).parts):
+            continue  # test suites: large files with few documented public functions
+        try:
+            tree = ast.parse(Path(file).read_text(encoding="utf-8"))
+        except (SyntaxError, ValueError, OSError):
+            continue  # a test fixture with deliberately invalid syntax: not an example source
+        taken = 0
+        for node in ast.walk(tree):
+            if taken >= max_per_file:
+                break
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            docstring = ast.get_docstring(node)
+            if node.name.startswith("_") or not docstring:
+                continue
+            answer = _first_paragraph(docstring)
+            if len(answer) < 20:
+                continue
+            prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+            signature = f"{prefix} {node.name}({ast.unparse(node.args)}):"
+            question = f"Write the docstring of this function:\n{signature}"
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+            taken += 1
+            yield f"{file}:{node.lineno}", {"messages": messages}

@@ -135,6 +135,24 @@ class Tokenizer(ABC):
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry of `token_id` (a piece, a byte-level token, a special token)."""
 
+    @abstractmethod
+    def token_to_id(self, token: str) -> int:
+        """The id of vocabulary entry `token`, or -1 when the vocabulary lacks it."""
+
+    @abstractmethod
+    def special_ids(self) -> set[int]:
+        """Ids of the control tokens (BOS/EOS, chat markers such as <|im_end|>): tokens that
+        stand for themselves rather than for text."""
+
+    @abstractmethod
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character span in `text`."""
+
+    @abstractmethod
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy with `tokens` appended to the vocabulary as special tokens, matched whole
+        in any text (ids vocab_size, vocab_size + 1, ...). Tokens already present are kept."""
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A loaded sentencepiece model with its special ids."""
@@ -192,6 +210,46 @@ class SentencePieceTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return str(self.processor.IdToPiece(token_id))
+
+    def token_to_id(self, token: str) -> int:
+        token_id = int(self.processor.PieceToId(token))
+        # Unknown pieces map to unk: tell them apart from the real <unk> entry.
+        return token_id if self.id_to_token(token_id) == token else -1
+
+    def special_ids(self) -> set[int]:
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+        model.ParseFromString(self.model_proto)
+        kinds = (model.pieces[0].CONTROL, model.pieces[0].USER_DEFINED)
+        return {i for i, piece in enumerate(model.pieces) if piece.type in kinds}
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        proto = self.processor.encode(text, out_type="proto")
+        # sentencepiece reports byte offsets into the UTF-8 input; map them to characters.
+        char_at_byte = [0] * (len(text.encode("utf-8")) + 1)
+        position = 0
+        for index, char in enumerate(text):
+            width = len(char.encode("utf-8"))
+            for offset in range(width):
+                char_at_byte[position + offset] = index
+            position += width
+        char_at_byte[position] = len(text)
+        ids = [int(piece.id) for piece in proto.pieces]
+        offsets = [(char_at_byte[piece.begin], char_at_byte[piece.end]) for piece in proto.pieces]
+        return ids, offsets
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+        model.ParseFromString(self.model_proto)
+        for token in dict.fromkeys(tokens):
+            if self.token_to_id(token) >= 0:
+                continue
+            # USER_DEFINED pieces are matched whole in the raw text before segmentation.
+            model.pieces.add(piece=token, score=0.0, type=model.pieces[0].USER_DEFINED)
+        return SentencePieceTokenizer(model.SerializeToString(), self.source)
 
 
 def _token_content(value: Any) -> str | None:
@@ -331,6 +389,30 @@ class HFTokenizer(Tokenizer):
         if token is None:
             raise DataError(f"{self.source}: no token with id {token_id}")
         return str(token)
+
+    def token_to_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        return -1 if token_id is None else int(token_id)
+
+    def special_ids(self) -> set[int]:
+        added = self.backend.get_added_tokens_decoder()
+        return {int(i) for i, token in added.items() if token.special}
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [(int(a), int(b)) for a, b in encoding.offsets]
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(self.backend.to_str())
+        new = [t for t in dict.fromkeys(tokens) if self.token_to_id(t) < 0]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        copy = HFTokenizer(
+            backend.to_str().encode("utf-8"), self.config, {}, self.source, self._stop_ids
+        )
+        return copy
 
 
 def _read_json(path: Path) -> dict[str, Any]:

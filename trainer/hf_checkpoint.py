@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_pipeline.chat import CHAT_TEMPLATE_FILE, checkpoint_template
 from data_pipeline.tokenizer import (
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
@@ -111,7 +112,7 @@ def export_checkpoint(
             max_shard_bytes,
         )
     tokenizer = Tokenizer.load(folder)
-    write_tokenizer_files(tokenizer, out, config.model.max_seq_len)
+    write_tokenizer_files(tokenizer, out, config.model.max_seq_len, checkpoint_template(folder))
     generation = {
         "bos_token_id": tokenizer.bos_id,
         # A release's several end tokens (Llama-3: <|end_of_text|>, <|eot_id|>) stay a list.
@@ -139,8 +140,13 @@ def _optional_id(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None  # sentencepiece says -1 for "none"
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_seq_len: int) -> None:
+def write_tokenizer_files(
+    tokenizer: Tokenizer, out: Path, max_seq_len: int, chat_template: str | None = None
+) -> None:
     """The tokenizer files that `AutoTokenizer.from_pretrained(out)` loads with our ids.
+
+    `chat_template` (the checkpoint's jinja template) goes into tokenizer_config.json, where
+    every transformers version finds it for `apply_chat_template`.
 
     A `tokenizers` tokenizer is copied as tokenizer.json with PreTrainedTokenizerFast: the
     generic class loads the file as written, where transformers 5's model-specific classes
@@ -184,6 +190,8 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_seq_len: int) -> 
             "model_max_length": max_seq_len,
             "clean_up_tokenization_spaces": config.get("clean_up_tokenization_spaces", False),
         }
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
     (out / TOKENIZER_CONFIG).write_text(
         json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"
     )
@@ -311,7 +319,9 @@ def _copy_tokenizer(hf_dir: Path, tokenizer: Tokenizer | None, out: Path) -> Non
     A tokenizer.json is saved with its special tokens resolved (tokenizer_config.json, else
     generation_config.json / config.json ids), so the checkpoint needs no other file.
     """
-    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+    # The chat template travels with the tokenizer: in tokenizer_config.json (kept by `save`
+    # below) or as chat_template.jinja, the file newer releases ship it in.
+    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE):
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out / name)
     if tokenizer is None:
