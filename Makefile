@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-slow check lint typecheck golden clean
+.PHONY: install train test test-slow check lint typecheck golden mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test-slow: $(STAMP)
 # Regenerate the checked-in golden loss curve (only after an intended numerics change).
 golden: $(STAMP)
 	$(PY) -m tests.golden --write
+
+# Curated bugs (tests/mutants.yaml) that the tests must catch; not part of `make test`.
+mutants: $(STAMP)
+	$(PY) -m tests.mutation
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
