@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-slow check lint typecheck golden bench-gpu clean
+.PHONY: install train test test-slow check lint typecheck golden bench-gpu mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ golden: $(STAMP)
 # (bench/suite.py; <= 8 minutes on one H200; results in bench/results/).
 bench-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.suite
+
+# Curated bugs (tests/mutants.yaml) that the tests must catch; not part of `make test`.
+mutants: $(STAMP)
+	$(PY) -m tests.mutation
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

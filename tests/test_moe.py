@@ -85,18 +85,33 @@ def test_sigmoid_router_by_hand() -> None:
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(2))
 
 
+def hand_routing(moe: MoEFeedForward, token: torch.Tensor) -> list[tuple[int, float]]:
+    """(expert, weight) pairs of one token, from the router weight alone, written out: scores
+    (softmax or sigmoid of w_e . x), the k largest by sorting, renormalised when configured.
+    Independent of `TopKRouter.forward`, so a routing bug cannot cancel out below."""
+    router = moe.router
+    logits = [float(w @ token) for w in router.weight.float()]
+    if router.score == "softmax":
+        exps = [math.exp(v - max(logits)) for v in logits]
+        scores = [v / sum(exps) for v in exps]
+    else:
+        scores = [1.0 / (1.0 + math.exp(-v)) for v in logits]
+    chosen = sorted(range(len(scores)), key=lambda e: -scores[e])[: moe.top_k]
+    total = sum(scores[e] for e in chosen) if router.norm_topk_prob else 1.0
+    return [(e, scores[e] / total) for e in chosen]
+
+
 def naive_moe(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
-    """Token by token: sum_j w_j * expert_{e_j}(x) (+ shared experts), no sorting, no batching."""
+    """Token by token: sum_j w_j * expert_{e_j}(x) (+ shared experts), no sorting, no batching,
+    routed by hand (`hand_routing`)."""
     tokens = x.reshape(-1, x.shape[-1])
-    routed = moe.router(tokens)
     experts = moe.experts
     rows = []
     for t in range(tokens.shape[0]):
         row = torch.zeros(tokens.shape[1])
-        for j in range(moe.top_k):
-            e = int(routed.top_experts[t, j])
+        for e, weight in hand_routing(moe, tokens[t]):
             hidden = F.silu(experts.gate_proj[e] @ tokens[t]) * (experts.up_proj[e] @ tokens[t])
-            row = row + routed.top_weights[t, j] * (experts.down_proj[e] @ hidden)
+            row = row + weight * (experts.down_proj[e] @ hidden)
         if moe.shared_experts is not None:
             shared = moe.shared_experts
             hidden = F.silu(shared.gate_proj.weight @ tokens[t]) * (

@@ -77,7 +77,7 @@ def test_every_plan_spends_c_equals_6nd(request_: PlanRequest) -> None:
     # The shape lands within 5% of the rule's (active) parameter target.
     assert plan.active_params == pytest.approx(plan.target_params, rel=0.05)
     # Steps x batch covers the planned tokens to within half a batch.
-    assert abs(plan.steps * plan.global_batch_tokens - plan.tokens) <= plan.global_batch_tokens
+    assert abs(plan.steps * plan.global_batch_tokens - plan.tokens) <= plan.global_batch_tokens / 2
     assert plan.global_batch_tokens % plan.seq_len == 0
 
 
@@ -264,10 +264,18 @@ def test_fitter_bootstrap_intervals_cover_truth_under_noise() -> None:
     fitted = result.fit
     assert abs(fitted.E - HOFFMANN_2022.E) <= 0.05 * HOFFMANN_2022.E
     assert fitted.alpha == pytest.approx(HOFFMANN_2022.alpha, rel=0.15)
+    # What this pins: on this fixed draw (data seed 1, bootstrap seed 0) the 2.5-97.5%
+    # percentile intervals contain the *true* constants, all five, and stay narrow. It is one
+    # deterministic case, not a coverage rate: percentile intervals of 8 resamples are not
+    # guaranteed to cover (on other data seeds the one for E misses the truth).
+    for key in ("E", "A", "B", "alpha", "beta"):
+        low, high = result.intervals[key]
+        truth = getattr(HOFFMANN_2022, key)
+        assert low <= truth <= high, (key, low, truth, high)
+        assert low <= getattr(fitted, key) <= high
     for key in ("E", "alpha", "beta"):
         low, high = result.intervals[key]
-        assert low <= getattr(result.fit, key) <= high
-        assert high - low < 0.5 * getattr(result.fit, key)
+        assert high - low < 0.5 * getattr(fitted, key)
 
 
 def test_sweep_grid_is_centred_on_the_approach1_size() -> None:
