@@ -37,7 +37,9 @@ def _setup_logging(is_main: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------- train
-def describe_plan(config_path: str, overrides: list[str], world_size: int | None = None) -> str:
+def describe_plan(
+    config_path: str, overrides: list[str], world_size: int | None = None, stage: str = "pretrain"
+) -> str:
     """The `--dry-run` report: resolved config, sizes, FLOPs, memory and token budget.
 
     `world_size` defaults to the config's `parallel.planned_world_size` (written by `plan`),
@@ -50,7 +52,7 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int | None
     from trainer.expert_parallel import check_expert_parallel
     from trainer.planning.memory import model_state_memory
 
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, stage)
     preflight(config)
     planned = ""
     if world_size is None:
@@ -97,13 +99,11 @@ def describe_plan(config_path: str, overrides: list[str], world_size: int | None
     lines.append(
         f"memory per rank, model states ({precision}, world size {world_size}{planned}, offload {config.parallel.offload}):"
     )
-    for stage in range(4):
-        mem = model_state_memory(
-            counts.total, stage, world_size, precision, config.parallel.offload
-        )
-        marker = " <- configured" if stage == config.parallel.zero_stage else ""
+    for zero in range(4):
+        mem = model_state_memory(counts.total, zero, world_size, precision, config.parallel.offload)
+        marker = " <- configured" if zero == config.parallel.zero_stage else ""
         lines.append(
-            f"  zero-{stage}: {mem.device_bytes / 2**30:8.3f} GiB device "
+            f"  zero-{zero}: {mem.device_bytes / 2**30:8.3f} GiB device "
             f"(params {mem.params_bytes / 2**30:.3f}, grads {mem.grads_bytes / 2**30:.3f}, "
             f"optimizer {mem.optimizer_bytes / 2**30:.3f}) + {mem.host_bytes / 2**30:.3f} GiB host{marker}"
         )
@@ -126,7 +126,7 @@ def _before_train(args: argparse.Namespace) -> None:
             "--world-size: only plans a --dry-run; a run's world size comes from its launcher "
             "(torchrun --nproc-per-node, mpirun -n, srun)"
         )
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, getattr(args, "stage", "pretrain"))
     preflight(config)
     _setup_logging()
     from launch.logging_setup import build_deepspeed_ops
@@ -135,21 +135,23 @@ def _before_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`train` and every post-training stage (`sft`, `dpo`, `rm`, `distill`): one loop."""
     _before_train(args)
+    stage = getattr(args, "stage", "pretrain")
     if args.dry_run:
-        print(describe_plan(args.config, args.set, args.world_size))
+        print(describe_plan(args.config, args.set, args.world_size, stage))
         return 0
     from launch.environment import detect_environment
-    from trainer.config import load_job_config
+    from launch.preflight import load_config
     from trainer.distributed import destroy
     from trainer.hooks import fault_injection_hooks
     from trainer.trainer import Trainer
 
-    config = load_job_config(args.config, args.set, stage="pretrain")
+    config = load_config(args.config, args.set, stage)
     env = detect_environment()
     _setup_logging(env.is_main)
     hooks = fault_injection_hooks(args.fail_at_step, args.stall_at_step, args.inject)
-    trainer = Trainer(config, env, stage="pretrain", hooks=hooks)
+    trainer = Trainer(config, env, stage=stage, hooks=hooks)
     trainer.setup()
     trainer.fit()  # the end-of-run sample is a hook (trainer.hooks.EndOfRunSample)
     destroy()
@@ -269,34 +271,45 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaletrain", description="Distributed LLM pretraining.")
+    parser = argparse.ArgumentParser(
+        prog="scaletrain",
+        description="Distributed LLM training: pretraining, fine-tuning, preference optimisation, merging.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="pretrain a model from a YAML config")
-    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
-    )
-    train.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the resolved config, sizes, FLOPs, memory and token budget; do not train",
-    )
-    train.add_argument(
-        "--world-size",
-        type=int,
-        default=None,
-        help="with --dry-run: the number of ranks to plan memory and batches for "
-        "(default: parallel.planned_world_size, else 1)",
-    )
-    train.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    train.add_argument("--stall-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    train.add_argument("--inject", default=None, help=argparse.SUPPRESS)
-    train.set_defaults(func=cmd_train)
+    stages = {
+        "train": ("pretrain", "pretrain a model from a YAML config"),
+        "sft": ("sft", "supervised fine-tuning on chat/instruction data (model.init_from)"),
+        "dpo": ("dpo", "direct preference optimisation and its family (model.init_from)"),
+        "rm": ("rm", "train a reward model on preference pairs (model.init_from)"),
+        "distill": ("distill", "train a student on a frozen teacher's distributions"),
+    }
+    for command, (stage, help_text) in stages.items():
+        sub = commands.add_parser(command, help=help_text)
+        sub.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+        )
+        sub.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the resolved config, sizes, FLOPs, memory and token budget; do not train",
+        )
+        sub.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            help="with --dry-run: the number of ranks to plan memory and batches for "
+            "(default: parallel.planned_world_size, else 1)",
+        )
+        sub.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
+        sub.add_argument("--stall-at-step", type=int, default=None, help=argparse.SUPPRESS)
+        sub.add_argument("--inject", default=None, help=argparse.SUPPRESS)
+        sub.set_defaults(func=cmd_train, stage=stage)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(

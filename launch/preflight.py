@@ -19,13 +19,17 @@ if TYPE_CHECKING:
     from trainer.config import JobConfig
 
 
-def load_config(path: str, overrides: list[str]) -> JobConfig:
-    """`load_job_config`, with an error caused by a `--set` override naming that `--set`
-    rather than the config file."""
+def load_config(path: str, overrides: list[str], stage: str = "pretrain") -> JobConfig:
+    """`load_job_config` for `stage` (its sections registered first), with an error caused by
+    a `--set` override naming that `--set` rather than the config file."""
     from trainer.config import load_job_config
 
+    if stage != "pretrain":
+        from trainer.stages import get_stage
+
+        get_stage(stage)  # imports the stage's module, which registers its config sections
     try:
-        return load_job_config(path, overrides)
+        return load_job_config(path, overrides, stage=stage)
     except ConfigError as exc:
         message = str(exc).removeprefix(f"{path}: ")
         error_key, _, problem = message.partition(": ")

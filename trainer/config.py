@@ -239,8 +239,12 @@ def job_config_from_dict(
     where: str = "",
     stage: str = "pretrain",
     ignore_unknown_sections: bool = False,
+    resolve_init_from: bool = True,
 ) -> JobConfig:
     """Build and validate a JobConfig from a nested mapping.
+
+    With `model.init_from` the network's shape comes from the source (trainer.init_from);
+    a checkpoint's own config.yaml is already resolved (`resolve_init_from=False`).
 
     Top-level sections registered for `stage` are built into `JobConfig.sections`; with
     `ignore_unknown_sections` (readers of a checkpoint's config.yaml, which may come from a
@@ -250,6 +254,16 @@ def job_config_from_dict(
     common = {k: v for k, v in raw.items() if k not in extra_types}
     if ignore_unknown_sections:
         common = {k: v for k, v in common.items() if k in _COMMON_SECTIONS}
+    model = common.get("model")
+    if resolve_init_from and isinstance(model, dict) and model.get("init_from"):
+        # The source alone defines the network; keys written beside it must agree.
+        from trainer.init_from import resolve_init_from_model
+
+        try:
+            resolved = resolve_init_from_model(model, str(model["init_from"]))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+        common = {**common, "model": to_dict(resolved)}
     try:
         config = from_dict(JobConfig, _expand_model_preset(common))
         for name, section_type in extra_types.items():
@@ -286,6 +300,8 @@ def load_job_config(
         where=str(path) if path is not None else "",
         stage=stage,
         ignore_unknown_sections=ignore_unknown_sections,
+        # A checkpoint's config.yaml holds the resolved shape; its source may be gone.
+        resolve_init_from=not ignore_unknown_sections,
     )
 
 

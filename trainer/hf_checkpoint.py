@@ -85,7 +85,8 @@ def export_checkpoint(
     The folder holds config.json, (sharded) safetensors, generation_config.json and the
     tokenizer: see `write_tokenizer_files`. `dtype` None keeps the checkpoint's own.
     """
-    from trainer.inference import resolve_checkpoint  # data loaders are not needed otherwise
+    # data loaders are not needed otherwise
+    from trainer.inference import has_adapters, read_checkpoint_weights, resolve_checkpoint
 
     folder = resolve_checkpoint(checkpoint)
     ckpt.verify_checkpoint(folder)
@@ -103,12 +104,17 @@ def export_checkpoint(
             )
         if dtype not in DTYPES:
             raise ckpt.CheckpointError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        load = handle.get_tensor
+        if has_adapters(names):  # a LoRA run: export the merged network
+            merged = read_checkpoint_weights(folder)
+            numels = [(name, list(tensor.shape)) for name, tensor in merged.items()]
+            load = merged.__getitem__
         write_hf_weights(
             out,
             config.model,
             family,
             [(name, _numel(shape)) for name, shape in numels],
-            handle.get_tensor,
+            load,
             DTYPES[dtype],
             max_shard_bytes,
         )

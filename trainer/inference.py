@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.packing import validation_sequences
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model
+from model.lora import LoRAConfig, is_adapter_name, merged_state_dict
 from model.transformer import Transformer
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config
+from trainer.config_io import from_dict, load_yaml
 from trainer.objectives.causal_lm import CausalLMObjective
 
 
@@ -43,14 +46,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def checkpoint_lora_config(folder: Path) -> LoRAConfig | None:
+    """The `lora` section of a checkpoint's config.yaml when its run trained adapters."""
+    section = load_yaml(folder / "config.yaml").get("lora")
+    if not isinstance(section, dict):
+        return None
+    lora = from_dict(LoRAConfig, section, "lora")
+    return lora if lora.rank > 0 else None
+
+
+def has_adapters(names: Iterable[str]) -> bool:
+    """Whether a state dict's names include LoRA adapter tensors."""
+    return any(is_adapter_name(name) for name in names)
+
+
+def read_checkpoint_weights(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's model.safetensors as a plain model state dict: LoRA adapters (if its run
+    trained them) folded into their base weights, so every reader sees one network."""
+    state = load_file(folder / "model.safetensors", device=device)
+    if not has_adapters(state):
+        return state
+    lora = checkpoint_lora_config(folder)
+    if lora is None:
+        raise ckpt.CheckpointError(
+            f"{folder}: model.safetensors holds LoRA adapters but config.yaml has no lora section"
+        )
+    return merged_state_dict(state, lora)
+
+
 def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
-    """Verify a checkpoint and build its model from model.safetensors (any ZeRO stage or world size)."""
+    """Verify a checkpoint and build its model from model.safetensors (any ZeRO stage or world
+    size; LoRA adapters folded in)."""
     folder = resolve_checkpoint(path)
     ckpt.verify_checkpoint(folder)
     config = load_job_config(folder / "config.yaml", ignore_unknown_sections=True)
     model = build_model(config.model, "meta")
     model.to_empty(device=device)
-    model.load_state_dict(load_file(folder / "model.safetensors", device=device), strict=True)
+    model.load_state_dict(read_checkpoint_weights(folder, device), strict=True)
     model.init_rope()
     model.float().eval()
     return LoadedCheckpoint(model, Tokenizer.load(folder), config, folder)

@@ -38,6 +38,7 @@ from data_pipeline.tokenizer import Tokenizer
 from model.hf import HFFolder
 from model.hf.state_dict import ours_to_hf_names
 from model.hf.weights import expected_shapes
+from model.lora import is_adapter_name, merged_state_dict
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config, write_config
 from trainer.config_io import ConfigError, load_yaml
@@ -315,17 +316,19 @@ def merge_tensor(
 
 
 # ---------------------------------------------------------------------------- inputs
-def fold_lora_adapters(source: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hook for LoRA checkpoints: return `state` with every adapter folded into its base weight.
+def fold_lora_adapters(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA run's checkpoint as plain weights: every adapter folded into its base weight
+    (scaling from the checkpoint's own `lora` section), so LoRA fine-tunes merge like any other."""
+    from trainer.inference import checkpoint_lora_config
 
-    model/lora.py (in progress) provides the folding; until it is wired here, a checkpoint with
-    adapter tensors is refused rather than merged without its adapters.
-    """
-    adapter = next(name for name in state if "lora_" in name)
-    raise ckpt.CheckpointError(
-        f"{source}: holds LoRA adapter tensors ({adapter!r}); merge its exported (folded) "
-        "weights instead"
-    )
+    lora = checkpoint_lora_config(folder)
+    if lora is None:
+        adapter = next(name for name in state if is_adapter_name(name))
+        raise ckpt.CheckpointError(
+            f"{folder}: holds LoRA adapter tensors ({adapter!r}) but its config.yaml has no "
+            "lora section"
+        )
+    return merged_state_dict(state, lora)
 
 
 class WeightSource:
@@ -349,7 +352,7 @@ class WeightSource:
         folder = resolve_checkpoint(spec)
         ckpt.verify_checkpoint(folder)
         self.folder = folder
-        self.job_config = load_job_config(folder / "config.yaml")
+        self.job_config = load_job_config(folder / "config.yaml", ignore_unknown_sections=True)
         self.model_config = self.job_config.model
         self.tokenizer = Tokenizer.load(folder) if Tokenizer.found_in(folder) else None
         weights = folder / WEIGHTS_FILE
@@ -358,9 +361,9 @@ class WeightSource:
         with safe_open(str(weights), framework="pt", device="cpu") as handle:
             names = list(handle.keys())
         self._locations = {name: [(weights, name, None)] for name in names}
-        if any("lora_" in name for name in names):
+        if any(is_adapter_name(name) for name in names):
             state = {name: self._read(name) for name in names}
-            self._folded = fold_lora_adapters(spec, state)
+            self._folded = fold_lora_adapters(folder, state)
             self._locations = {name: [] for name in self._folded}
 
     def _open_hf(self, directory: str) -> None:

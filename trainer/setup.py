@@ -11,6 +11,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
 from model.transformer import Transformer
+from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError
 from trainer.distributed import DistEnv, barrier
@@ -54,7 +55,7 @@ def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokeniz
     """The run's tokenizer: reuse the run's copy, load `tokenizer.path`, the prepared shards' or
     the `model.init_from` folder's (released weights need their own ids), or train one on rank 0."""
     target = run_dir / "tokenizer"
-    init_dir = Path(config.model.init_from.removeprefix("hf:")) if config.model.init_from else None
+    init_dir = init_from_folder(config.model.init_from) if config.model.init_from else None
     if env.is_main and not Tokenizer.found_in(target):
         if config.tokenizer.path:
             tokenizer = Tokenizer.load(config.tokenizer.path)
@@ -70,6 +71,22 @@ def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokeniz
     return Tokenizer.load(target)
 
 
+def init_from_folder(source: str) -> Path | None:
+    """The folder holding `model.init_from`'s files (tokenizer, chat template): hf:DIR's folder,
+    a checkpoint folder, or a run dir's newest complete checkpoint; None for a weights file."""
+    if source.startswith("hf:"):
+        return Path(source.removeprefix("hf:"))
+    path = Path(source)
+    if path.is_file():
+        return None
+    from trainer.inference import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
+
+
 def load_weights(model: Transformer, source: str) -> None:
     """Copy weights into `model` from a scaletrain checkpoint folder or `hf:DIR` (`init_from`)."""
     from safetensors.torch import load_file
@@ -80,11 +97,16 @@ def load_weights(model: Transformer, source: str) -> None:
         load_hf_weights(model, source)
         return
 
+    from trainer.inference import read_checkpoint_weights, resolve_checkpoint
+
     path = Path(source)
-    weights_file = path / "model.safetensors" if path.is_dir() else path
-    if not weights_file.is_file():
-        raise ConfigError(f"model.init_from: {source}: no model.safetensors found")
-    state = load_file(weights_file)
+    if path.is_file():
+        state = load_file(path)
+    else:
+        try:
+            state = read_checkpoint_weights(resolve_checkpoint(path))
+        except ckpt.CheckpointError as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(

@@ -10,11 +10,14 @@ config sections with it), so that `scaletrain sft CONFIG` is a registration, not
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from data_pipeline.batch import Batch, causal_lm_batch
 from data_pipeline.errors import DataError
@@ -48,24 +51,41 @@ class TrainLoader(Protocol):
 
 @dataclass
 class StageContext:
-    """What a stage's builders receive: the resolved config and what setup built."""
+    """What a stage's builders receive: the resolved config and what setup built.
+
+    `prepare` may replace `tokenizer` (e.g. with chat tokens added) and keep what its other
+    builders need in `extras` (a chat template, a reference model).
+    """
 
     config: JobConfig
     env: DistEnv
     tokenizer: Tokenizer
     skips: SkipCounter  # the run's skipped-record counter (checkpointed by the loop)
     micro_batch_size: int
+    run_dir: Path = Path(".")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage. `sections` are its extra top-level config sections (dataclasses)."""
+    """One training stage. `sections` are its extra top-level config sections (dataclasses).
+
+    Optional setup steps, in the order setup calls them:
+    prepare(ctx): after the run's tokenizer exists, before the model is built (chat template,
+      added tokens: set ctx.tokenizer; files for checkpoints go into RUN_DIR/tokenizer/);
+    prepare_model(ctx, model): after the initial weights are loaded, before parallelisation
+      (LoRA adapters, embedding rows for added tokens); returns the module to train, which may
+      wrap the transformer (a reward head) as long as it keeps it as `.backbone`.
+    """
 
     name: str
     build_objective: Callable[[StageContext], Objective]
     build_loader: Callable[[StageContext], TrainLoader]
     build_eval_sets: Callable[[StageContext], dict[str, list[Batch]]]
     sections: dict[str, type] = field(default_factory=dict)
+    prepare: Callable[[StageContext], None] | None = None
+    prepare_model: Callable[[StageContext, nn.Module], nn.Module] | None = None
 
 
 _STAGES: dict[str, Stage] = {}
@@ -77,8 +97,19 @@ def register_stage(stage: Stage) -> None:
     register_sections(stage.name, stage.sections)
 
 
+# Post-training stages live in their own modules and register themselves when imported.
+STAGE_MODULES = {
+    "sft": "trainer.sft",
+    "dpo": "trainer.dpo",
+    "rm": "trainer.dpo",
+    "distill": "trainer.distill",
+}
+
+
 def get_stage(name: str) -> Stage:
-    """The registered stage called `name`."""
+    """The registered stage called `name` (importing its module first if needed)."""
+    if name not in _STAGES and name in STAGE_MODULES:
+        importlib.import_module(STAGE_MODULES[name])
     if name not in _STAGES:
         raise KeyError(f"unknown training stage {name!r} (known: {', '.join(sorted(_STAGES))})")
     return _STAGES[name]

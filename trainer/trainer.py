@@ -127,29 +127,49 @@ class Trainer:
             ckpt.clean_temporaries(self.checkpoint_root)
         barrier()
 
-        self.tokenizer = prepare_tokenizer(self.config, self.run_dir, env)
+        tokenizer = prepare_tokenizer(self.config, self.run_dir, env)
+        ctx = StageContext(
+            self.config,
+            env,
+            tokenizer,
+            self.skips,
+            self.micro_batch_size,
+            run_dir=self.run_dir,
+            device=self.device,
+        )
+        if self.stage.prepare is not None:  # e.g. a chat template and its added tokens
+            self.stage.prepare(ctx)
+        self.tokenizer = ctx.tokenizer
+        # The network is built at the size of its source; a stage may grow the vocabulary.
         vocab_size = self.config.model.vocab_size or self.tokenizer.vocab_size
-        if vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size: {vocab_size} is smaller than the tokenizer's "
-                f"{self.tokenizer.vocab_size} pieces"
-            )
-        self.config = config = resolve_config(self.config, precision, vocab_size)
+        config = resolve_config(self.config, precision, vocab_size)
         self.precision = precision
-        if env.is_main:
-            write_config(config, self.run_dir / "config.yaml")
 
         problem = check_expert_parallel(
             config.parallel.expert_parallel, config.model.n_experts, env.world_size
         )
         if problem:
             raise ConfigError(problem)
-        self.model = build_model(config.model, self.device, seed=config.run.seed)
+        model = build_model(config.model, self.device, seed=config.run.seed)
         if config.model.init_from:
-            load_weights(self.model, config.model.init_from)
-        parallelize(self.model, config.parallel)
+            load_weights(model, config.model.init_from)
+        ctx.config = config
+        self.module = (
+            model if self.stage.prepare_model is None else self.stage.prepare_model(ctx, model)
+        )
+        self.model = model  # the transformer (inside self.module when a stage wraps it)
+        if model.config.vocab_size != vocab_size:  # rows added for new tokens
+            config = resolve_config(config, precision, model.config.require_vocab())
+        if config.model.require_vocab() < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} pieces"
+            )
+        self.config = ctx.config = config
+        if env.is_main:
+            write_config(config, self.run_dir / "config.yaml")
+        parallelize(model, config.parallel)
 
-        ctx = StageContext(config, env, self.tokenizer, self.skips, self.micro_batch_size)
         self.objective = self.stage.build_objective(ctx)
         self.checkpoints = CheckpointManager(self)
         # Before the engine exists: a checkpoint of another layout loads through a converted copy.
@@ -163,10 +183,10 @@ class Trainer:
             load_universal=self.checkpoints.loads_universal_on_resume,
         )
         optimizer = build_optimizer(
-            self.model, config.train, offload=config.parallel.offload == "cpu"
+            self.module, config.train, offload=config.parallel.offload == "cpu"
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model,
+            model=self.module,
             optimizer=optimizer,
             lr_scheduler=build_scheduler(optimizer, config.train),
             config=self.ds_config,
@@ -229,7 +249,7 @@ class Trainer:
 
     def _drop_gradients(self) -> bool:
         """ZeRO-0 has no overflow check of its own: with the gradients gone, AdamW skips."""
-        for param in self.model.parameters():
+        for param in self.module.parameters():
             param.grad = None
         return True
 
@@ -237,7 +257,7 @@ class Trainer:
         """At ZeRO-0 in fp32 DeepSpeed reports no norm; there, grads are whole and local."""
         if self.config.parallel.zero_stage != 0 or self.precision != "fp32":
             return None
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads).item()) if grads else 0.0
 
     # ---------------------------------------------------------------- the loop

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline.chat import CHAT_TEMPLATE_FILE
 from data_pipeline.sharded import gather_from_ranks
 from trainer.checkpointing import async_checkpoint, reshard
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.checkpointing import deepspeed_internals as ds_internals
 from trainer.config import write_config
 from trainer.distributed import all_reduce_sum, barrier, deepspeed
+from trainer.hf_checkpoint import respect_umask
 from trainer.optim import param_groups
 
 if TYPE_CHECKING:
@@ -169,9 +171,13 @@ class CheckpointManager:
             {k: v.detach().cpu().contiguous() for k, v in weights.items()},
             tmp / "model.safetensors",
         )
+        respect_umask(tmp)
         (tmp / "trainer_state.json").write_text(trainer_state)
         write_config(t.config, tmp / "config.yaml")
         t.tokenizer.save(tmp)
+        template = t.run_dir / "tokenizer" / CHAT_TEMPLATE_FILE  # a stage's chat template
+        if template.is_file():
+            shutil.copyfile(template, tmp / CHAT_TEMPLATE_FILE)
         step = int(json.loads(trainer_state)["step"])
         ckpt.write_manifest(
             tmp,
@@ -256,7 +262,7 @@ class CheckpointManager:
 
     def _model_layout(self) -> reshard.ModelLayout:
         """Parameter names in the optimizer's group order, and shapes (for ZeRO-0 conversions)."""
-        model = self.trainer.model
+        model = self.trainer.module
         names = {id(param): name for name, param in model.named_parameters()}
         groups = param_groups(model, self.trainer.config.train.weight_decay)
         return reshard.ModelLayout(
