@@ -46,10 +46,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# trainer.merging.METHODS, named here so that `scaletrain --help` need not import torch
+# (tests/test_cli_ux.py checks that the two agree).
+METHODS = ("linear", "task_arithmetic", "ties", "dare", "slerp")
+
+
 def register(subparsers: Any) -> None:
     """Add `merge` to the `scaletrain` subcommands."""
-    from trainer.merging import METHODS
-
     merge = subparsers.add_parser(
         "merge",
         help="combine fine-tuned models of one architecture into one checkpoint",

@@ -87,6 +87,10 @@ def test_help_lists_agree_with_the_registries() -> None:
 
     assert tuple(FAMILIES) == HF_FAMILIES
     assert tuple(PEAK_BF16_FLOPS) == GPU_NAMES
+    from launch.merge_cli import METHODS as CLI_METHODS
+    from trainer.merging import METHODS
+
+    assert CLI_METHODS == METHODS
 
 
 # ---------------------------------------------------------------------------- one-line errors
