@@ -491,7 +491,7 @@ def test_run_dirs_resolve_and_lora_checkpoints_are_refused(
     assert code == 0, err
     merged = load_file(tmp_path / "m" / "model.safetensors")
     assert all(torch.equal(merged[k], state[k]) for k in state)
-    lora = dict(state, **{"layers.0.attention.q_proj.lora_A.weight": torch.zeros(2, 32)})
+    lora = dict(state, **{"layers.0.attention.q_proj.lora_A": torch.zeros(2, 32)})
     adapter = write_checkpoint(tmp_path / "lora", config, lora, tokenizer)
     code, _, err = cli(
         capsys, "merge", "--method", "linear", "--models", step, adapter, "--out", tmp_path / "x"
