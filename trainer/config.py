@@ -56,6 +56,9 @@ class TrainConfig:
     spike_max_in_a_row: int = 10  # after this many spikes in a row, accept the new loss level
     spike_rollback: bool = False  # on a spike, reload the latest checkpoint and skip its batches
     max_rollbacks: int = 3  # rollbacks per run; later spikes only skip their update
+    # > 0: cross-entropy from hidden states this many target tokens at a time, never the full
+    # (tokens x vocab) logits (trainer/losses/cross_entropy.py); ZeRO 0-2. 0: plain logits.
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         for key in (
@@ -91,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         if self.max_rollbacks < 0:
             raise ValueError(f"max_rollbacks: must be >= 0, got {self.max_rollbacks}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(
+                f"loss_chunk_tokens: must be >= 0 (0: plain logits), got {self.loss_chunk_tokens}"
+            )
 
 
 @dataclass

@@ -11,6 +11,7 @@ config sections with it), so that `scaletrain sft CONFIG` is a registration, not
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from trainer.config import JobConfig, register_sections
 from trainer.distributed import DistEnv
 from trainer.objectives.base import Objective
 from trainer.objectives.causal_lm import CausalLMObjective
+
+logger = logging.getLogger(__name__)
 
 
 class TrainLoader(Protocol):
@@ -152,9 +155,21 @@ def _pretrain_eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
     return sets
 
 
+def loss_chunk_tokens(config: JobConfig) -> int:
+    """`train.loss_chunk_tokens`, or 0 under ZeRO-3: the chunked loss reads the output weight
+    outside the module's forward, where ZeRO-3 holds only this rank's partition of it."""
+    chunk = config.train.loss_chunk_tokens
+    if chunk and config.parallel.zero_stage == 3:
+        logger.warning("train.loss_chunk_tokens: not with ZeRO-3; using the plain cross-entropy")
+        return 0
+    return chunk
+
+
 PRETRAIN = Stage(
     name="pretrain",
-    build_objective=lambda ctx: CausalLMObjective(ctx.config.data.seq_len),
+    build_objective=lambda ctx: CausalLMObjective(
+        ctx.config.data.seq_len, loss_chunk_tokens(ctx.config)
+    ),
     build_loader=_pretrain_loader,
     build_eval_sets=_pretrain_eval_sets,
 )

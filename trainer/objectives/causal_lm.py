@@ -8,7 +8,7 @@ from torch import nn
 from data_pipeline.batch import Batch
 from model.flops import flops_per_token
 from model.transformer import Transformer
-from trainer.losses.cross_entropy import cross_entropy_sum
+from trainer.losses.cross_entropy import chunked_cross_entropy_sum, cross_entropy_sum
 from trainer.objectives.base import Metric, Objective, StepOutput
 
 
@@ -30,17 +30,30 @@ class CausalLMObjective(Objective):
 
     stage = "pretrain"
 
-    def __init__(self, seq_len: int) -> None:
+    def __init__(self, seq_len: int, chunk_tokens: int = 0) -> None:
         self.seq_len = seq_len
+        # > 0: the loss comes from hidden states chunk by chunk, never the full logits.
+        self.chunk_tokens = chunk_tokens
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Summed next-token cross-entropy of the batch's target tokens."""
+        if self.chunk_tokens > 0:
+            transformer = unwrap(model)
+            hidden = transformer.hidden_states(
+                batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids
+            )
+            return chunked_cross_entropy_sum(
+                hidden, transformer.output_weight, batch.labels, self.chunk_tokens
+            )
+        logits = model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)
+        return cross_entropy_sum(logits, batch.labels)
 
     def count_units(self, batch: Batch) -> int:
         return batch.num_target_tokens
 
     def train_step(self, model: nn.Module, batch: Batch, global_units: int) -> StepOutput:
         transformer = unwrap(model)
-        logits = model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)
-        loss_sum = cross_entropy_sum(logits, batch.labels)
-        loss = loss_sum / global_units
+        loss = self.loss_sum(model, batch) / global_units
         metrics = {"loss": Metric(loss.item(), "sum")}
         if transformer.config.n_experts:  # MoE load-balancing + z-loss
             aux_loss = transformer.moe_aux_loss()
@@ -56,6 +69,5 @@ class CausalLMObjective(Objective):
 
     @torch.no_grad()
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
-        logits = model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)
-        loss_sum = cross_entropy_sum(logits, batch.labels)
+        loss_sum = self.loss_sum(model, batch)
         return {"eval_loss": (loss_sum.item(), float(batch.num_target_tokens))}
