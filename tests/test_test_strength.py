@@ -23,7 +23,7 @@ import torch
 
 from model import ModelConfig, build_model
 from model.kv_cache import KVCache
-from trainer import checkpoint as ckpt
+from trainer.checkpointing import checkpoint as ckpt
 from trainer import reference_cache as rc
 
 WINDOW = 4
@@ -145,3 +145,49 @@ def test_the_reference_cache_refuses_a_key_that_differs_in_any_field(
     other = dataclasses.replace(KEY, **{field: changed(getattr(KEY, field))})
     with pytest.raises(ckpt.CheckpointError, match=rf": made for a different {field} "):
         cache.load(other)
+
+
+def test_a_packed_document_sees_only_itself_through_the_training_forward() -> None:
+    """The pretraining path with `data.document_masking` (the loader's `causal_lm_batch`, then
+    the objective's forward with the batch's doc ids): the second packed document's logits
+    equal that document's logits alone, and its loss is its loss alone. Negative control: the
+    same packed row without document ids differs."""
+    from data_pipeline.batch import causal_lm_batch
+    from trainer.objectives.causal_lm import CausalLMObjective
+
+    eos = 2
+    config = ModelConfig(
+        vocab_size=97,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=64,
+        reset_positions_per_document=True,
+    )
+    model = build_model(config, seed=0).eval()
+    rng = torch.Generator().manual_seed(0)
+    first = torch.randint(3, 97, (9,), generator=rng).tolist() + [eos]
+    second = torch.randint(3, 97, (12,), generator=rng).tolist() + [eos]
+    packed = torch.tensor([first + second + [5]])  # T + 1 tokens: inputs and next-token labels
+    batch = causal_lm_batch(packed, eos_id=eos, document_masking=True)
+    with torch.no_grad():
+        logits = model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)
+        alone = model(torch.tensor([second]))
+        unmasked = model(batch.input_ids)
+    start = len(first)
+    torch.testing.assert_close(logits[0, start:], alone[0], rtol=1e-5, atol=1e-5)
+    assert (unmasked[0, start:] - alone[0]).abs().max() > 1e-2  # the control can fail
+    # The objective's loss over the second document alone equals its standalone loss.
+    objective = CausalLMObjective(seq_len=packed.shape[1] - 1)
+    labels = batch.labels.clone()
+    labels[0, :start] = -100  # keep the targets predicted inside the second document...
+    labels[0, -1] = -100  # ...and not the token after its EOS
+    only_second = dataclasses.replace(batch, labels=labels)
+    with torch.no_grad():
+        packed_loss = objective.loss_sum(model, only_second)
+        standalone = model(torch.tensor([second[:-1]]))
+        reference = torch.nn.functional.cross_entropy(
+            standalone[0], torch.tensor(second[1:]), reduction="sum"
+        )
+    torch.testing.assert_close(packed_loss, reference, rtol=1e-5, atol=1e-5)
