@@ -23,8 +23,8 @@ import torch
 
 from model import ModelConfig, build_model
 from model.kv_cache import KVCache
-from trainer.checkpointing import checkpoint as ckpt
 from trainer import reference_cache as rc
+from trainer.checkpointing import checkpoint as ckpt
 
 WINDOW = 4
 
