@@ -167,8 +167,8 @@ def test_a_packed_document_sees_only_itself_through_the_training_forward() -> No
     )
     model = build_model(config, seed=0).eval()
     rng = torch.Generator().manual_seed(0)
-    first = torch.randint(3, 97, (9,), generator=rng).tolist() + [eos]
-    second = torch.randint(3, 97, (12,), generator=rng).tolist() + [eos]
+    first = [*torch.randint(3, 97, (9,), generator=rng).tolist(), eos]
+    second = [*torch.randint(3, 97, (12,), generator=rng).tolist(), eos]
     packed = torch.tensor([first + second + [5]])  # T + 1 tokens: inputs and next-token labels
     batch = causal_lm_batch(packed, eos_id=eos, document_masking=True)
     with torch.no_grad():
