@@ -185,6 +185,7 @@ def test_two_ranks_sequence_parallel_equal_one_rank(
     assert [r["tokens"] for r in train] == [r["tokens"] for r in ref]
 
 
+@pytest.mark.slow  # 40 s here; tests/test_reshard.py covers world-size changes in CI
 def test_sequence_parallel_checkpoint_resumes_on_one_rank(
     tmp_path: Path, corpus: Path, one_rank: Path
 ) -> None:
