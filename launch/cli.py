@@ -51,6 +51,7 @@ def describe_plan(
     from trainer.deepspeed_config import build_deepspeed_config
     from trainer.expert_parallel import check_expert_parallel
     from trainer.planning.memory import model_state_memory
+    from trainer.sequence_parallel import check_sequence_parallel
 
     config = load_config(config_path, overrides, stage)
     preflight(config)
@@ -66,10 +67,14 @@ def describe_plan(
             if config.tokenizer.path
             else config.tokenizer.vocab_size
         )
+    sp = config.parallel.sequence_parallel
+    problem = check_sequence_parallel(sp, config.model, config.data.seq_len, world_size)
+    if problem:
+        raise ConfigError(problem)
     micro, accumulation_steps = split_global_batch(
         config.global_batch_seqs,
         config.data.seq_len,
-        world_size,
+        world_size // sp,  # the ranks of a sequence-parallel group share their sequences
         config.train.micro_batch_size,
         config.train.max_micro_batch_size,
     )

@@ -6,6 +6,8 @@ model's `AttentionSpec`; `model.attention_paths.attend` picks the kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,6 +16,13 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.norm import RMSNorm
 from model.rope import apply_rope
+
+#: Attention over this rank's slice of a sequence split across ranks: q (B, T, H, D), k and v
+#: (B, T, KVH, D), RoPE applied, with the forward's spec and the layer's window -> (B, T, H, D).
+#: Set from outside (trainer/sequence_parallel.py); the model itself never sets it.
+SequenceParallelAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec | None, int | None], torch.Tensor
+]
 
 
 class Attention(nn.Module):
@@ -38,6 +47,8 @@ class Attention(nn.Module):
         )
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        # The seam of sequence parallelism: None on one device (and in cached decoding).
+        self.sequence_parallel: SequenceParallelAttention | None = None
 
     def forward(
         self,
@@ -61,6 +72,10 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)
+        if self.sequence_parallel is not None and kv_cache is None:
+            # x is this rank's slice of the sequence; the keys live on the other ranks too.
+            out = self.sequence_parallel(q, k, v, spec, self.window)  # (B, T, H, D)
+            return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|KVH, T, D)
 
         if kv_cache is not None:

@@ -106,6 +106,8 @@ class ParallelConfig:
 
     zero_stage: int = 0
     expert_parallel: int = 1
+    # Ranks per sequence-parallel group: each holds T/P tokens of every row (DeepSpeed Ulysses)
+    sequence_parallel: int = 1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload: Literal["none", "cpu"] = "none"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -126,6 +128,8 @@ class ParallelConfig:
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel: must be >= 1, got {self.sequence_parallel}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: must be >= 1, got {self.checkpoint_every}")
         for key in ("reduce_bucket_size", "allgather_bucket_size"):

@@ -1,7 +1,7 @@
 """Parallelism applied to a plain model from outside, in a fixed order.
 
-expert parallel (with the MoE layers) -> activation checkpointing -> compile; the ZeRO /
-data-parallel wrap (`deepspeed.initialize`) comes last, in the Trainer.
+sequence parallel (the attention layers) -> expert parallel (the MoE layers) -> activation
+checkpointing -> compile; the ZeRO / data-parallel wrap (`deepspeed.initialize`) comes last, in the Trainer.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.utils.checkpoint import (
 from model.transformer import Transformer
 from trainer.config import ParallelConfig
 from trainer.expert_parallel import apply_expert_parallel
+from trainer.sequence_parallel import apply_sequence_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,15 @@ def apply_compile(model: Transformer, enabled: bool) -> bool:
 
 def parallelize(model: Transformer, config: ParallelConfig) -> Transformer:
     """Apply every strategy but the ZeRO wrap, in order."""
+    attention_layers = apply_sequence_parallel(model, config.sequence_parallel)
+    if attention_layers:
+        logger.info(
+            "sequence parallel: %d attention layers exchange heads for tokens all-to-all over "
+            "groups of %d ranks (T/%d tokens per rank)",
+            attention_layers,
+            config.sequence_parallel,
+            config.sequence_parallel,
+        )
     moe_layers = apply_expert_parallel(model, config.expert_parallel)
     if moe_layers:
         n_experts = model.config.n_experts

@@ -34,13 +34,18 @@ def derive_micro_batch_size(per_rank_seqs: int, cap: int) -> int:
 
 
 def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
-    """(micro-batch size, accumulation steps) that make up the global batch on `world_size` ranks."""
-    if config.global_batch_seqs % world_size:
+    """(micro-batch size, accumulation steps) that make up the global batch on `world_size` ranks.
+
+    The ranks of a sequence-parallel group share their sequences (each holds a slice of every
+    row), so the batch is split over world_size / parallel.sequence_parallel data ranks.
+    """
+    data_ranks = world_size // config.parallel.sequence_parallel
+    if config.global_batch_seqs % data_ranks:
         raise ConfigError(
             f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not "
-            f"split over {world_size} ranks"
+            f"split over {data_ranks} data-parallel ranks"
         )
-    per_rank = config.global_batch_seqs // world_size
+    per_rank = config.global_batch_seqs // data_ranks
     micro = config.train.micro_batch_size or derive_micro_batch_size(
         per_rank, config.train.max_micro_batch_size
     )

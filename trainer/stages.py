@@ -69,6 +69,13 @@ class StageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        """(rank, size) among the readers of distinct data: the ranks of a sequence-parallel
+        group (parallel.sequence_parallel consecutive ranks) read the same sequences."""
+        sp = self.config.parallel.sequence_parallel
+        return self.env.rank // sp, self.env.world_size // sp
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -89,6 +96,9 @@ class Stage:
     sections: dict[str, type] = field(default_factory=dict)
     prepare: Callable[[StageContext], None] | None = None
     prepare_model: Callable[[StageContext, nn.Module], nn.Module] | None = None
+    # Its loader and eval sets deal by `ctx.data_rank` and its loss is a sum over tokens, so a
+    # row may be split over the ranks of a sequence-parallel group.
+    sequence_parallel: bool = False
 
 
 _STAGES: dict[str, Stage] = {}
@@ -127,15 +137,15 @@ def _pretrain_loader(ctx: StageContext) -> TrainLoader:
         ctx.skips,
         config.global_batch_seqs,
         ctx.micro_batch_size,
-        ctx.env.rank,
-        ctx.env.world_size,
+        *ctx.data_rank,
     )
 
 
 def _pretrain_eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
     """This rank's share of fixed validation sequences, per validation source."""
-    config, env = ctx.config, ctx.env
-    wanted = config.train.eval_batches * ctx.micro_batch_size * env.world_size
+    config = ctx.config
+    rank, world_size = ctx.data_rank
+    wanted = config.train.eval_batches * ctx.micro_batch_size * world_size
     sets = {}
     for source in config.data.validation:
         sequences = validation_sequences(source, ctx.tokenizer, config.data, wanted)
@@ -143,8 +153,8 @@ def _pretrain_eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
             raise DataError(
                 f"{source.path}: validation split yields no sequence of {config.data.seq_len} tokens"
             )
-        per_rank = max(1, len(sequences) // env.world_size)
-        mine = sequences[env.rank * per_rank : (env.rank + 1) * per_rank]
+        per_rank = max(1, len(sequences) // world_size)
+        mine = sequences[rank * per_rank : (rank + 1) * per_rank]
         stacked = (
             torch.stack(mine) if mine else torch.empty(0, config.data.seq_len + 1, dtype=torch.long)
         )
@@ -172,5 +182,6 @@ PRETRAIN = Stage(
     ),
     build_loader=_pretrain_loader,
     build_eval_sets=_pretrain_eval_sets,
+    sequence_parallel=True,
 )
 register_stage(PRETRAIN)

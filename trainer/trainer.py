@@ -45,6 +45,7 @@ from trainer.objectives.base import StepOutput
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallelize import parallelize
 from trainer.planning.hardware import current_device_peak_flops
+from trainer.sequence_parallel import check_sequence_parallel, slice_batch
 from trainer.setup import batch_split, load_weights, prepare_tokenizer, seed_everything
 from trainer.stages import Stage, StageContext, get_stage
 
@@ -109,6 +110,7 @@ class Trainer:
     def setup(self) -> None:
         """Build everything in the fixed order: ranks, tokenizer, model, engine, data, resume."""
         env = self.env
+        self._check_sequence_parallel()
         self.micro_batch_size, self.accumulation_steps = batch_split(self.config, env.world_size)
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
@@ -198,6 +200,30 @@ class Trainer:
         self.peak_flops = current_device_peak_flops()
         self.checkpoints.resume()
 
+    def _check_sequence_parallel(self) -> None:
+        config = self.config
+        sp = config.parallel.sequence_parallel
+        problem = check_sequence_parallel(
+            sp, config.model, config.data.seq_len, self.env.world_size
+        )
+        if problem is None and sp > 1 and not self.stage.sequence_parallel:
+            problem = (
+                f"parallel.sequence_parallel: the {self.stage.name} stage does not support "
+                "sequence parallelism (set it to 1)"
+            )
+        if problem:
+            raise ConfigError(problem)
+
+    def local_batch(self, batch: Batch) -> Batch:
+        """`batch` on this rank's device; with sequence parallelism, this rank's slice of it."""
+        sp = self.config.parallel.sequence_parallel
+        return slice_batch(
+            batch.to(self.device),
+            self.env.rank % sp,
+            sp,
+            self.config.model.reset_positions_per_document,
+        )
+
     # ---------------------------------------------------------------- the step
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         """Forward, backward, guard, clip and step over one global batch.
@@ -207,6 +233,7 @@ class Trainer:
         The guard judges the global step loss after the last forward, before its backward.
         """
         engine, objective = self.engine, self.objective
+        micro_batches = [self.local_batch(b) for b in micro_batches]
         (global_units,) = all_reduce_sum(
             [float(sum(objective.count_units(b) for b in micro_batches))], self.device
         )
@@ -215,7 +242,7 @@ class Trainer:
         grad_norm: float | None = None
         outputs: list[StepOutput] = []
         for index, batch in enumerate(micro_batches):
-            output = objective.train_step(engine, batch.to(self.device), max(int(global_units), 1))
+            output = objective.train_step(engine, batch, max(int(global_units), 1))
             for hook in self.hooks:
                 hook.on_micro_batch(self, output)
             outputs.append(output)
@@ -378,7 +405,8 @@ class Trainer:
         counts = (self.loader.tokens_by_source(), dict(self.skips.counts))
         if not self.loader.counts_are_local:
             return counts
-        parts = gather_from_ranks(counts)
+        # The ranks of a sequence-parallel group read the same data: count it once.
+        parts = gather_from_ranks(counts)[:: self.config.parallel.sequence_parallel]
         return sum_counts([p[0] for p in parts]), sum_counts([p[1] for p in parts])
 
     def _print_skipped_summary(self, progress: tqdm) -> None:
@@ -414,7 +442,7 @@ class Trainer:
             sums: dict[str, list[float]] = {}
             for batch in batches:
                 for name, (num, den) in self.objective.eval_step(
-                    self.engine, batch.to(self.device)
+                    self.engine, self.local_batch(batch)
                 ).items():
                     total = sums.setdefault(name, [0.0, 0.0])
                     total[0] += num
