@@ -13,7 +13,7 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer_on_sources
 from model.transformer import Transformer
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig
-from trainer.config_io import ConfigError
+from trainer.config_io import ConfigError, split_global_batch
 from trainer.distributed import DistEnv, barrier
 
 logger = logging.getLogger(__name__)
@@ -25,14 +25,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def derive_micro_batch_size(per_rank_seqs: int, cap: int) -> int:
-    """The largest micro-batch <= cap that divides this rank's share of the global batch."""
-    for size in range(min(cap, per_rank_seqs), 0, -1):
-        if per_rank_seqs % size == 0:
-            return size
-    return 1
-
-
 def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch size, accumulation steps) that make up the global batch on `world_size` ranks.
 
@@ -40,20 +32,14 @@ def batch_split(config: JobConfig, world_size: int) -> tuple[int, int]:
     row), so the batch is split over world_size / parallel.sequence_parallel data ranks.
     """
     data_ranks = world_size // config.parallel.sequence_parallel
-    if config.global_batch_seqs % data_ranks:
-        raise ConfigError(
-            f"train.global_batch_tokens: {config.global_batch_seqs} sequences per step do not "
-            f"split over {data_ranks} data-parallel ranks"
-        )
-    per_rank = config.global_batch_seqs // data_ranks
-    micro = config.train.micro_batch_size or derive_micro_batch_size(
-        per_rank, config.train.max_micro_batch_size
+    # The same rule as `--dry-run` uses; a batch that does not split names the nearest that do.
+    return split_global_batch(
+        config.global_batch_seqs,
+        config.data.seq_len,
+        data_ranks,
+        config.train.micro_batch_size,
+        config.train.max_micro_batch_size,
     )
-    if per_rank % micro:
-        raise ConfigError(
-            f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences per rank"
-        )
-    return micro, per_rank // micro
 
 
 def prepare_tokenizer(config: JobConfig, run_dir: Path, env: DistEnv) -> Tokenizer:
