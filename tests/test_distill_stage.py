@@ -257,3 +257,22 @@ def test_two_ranks_at_zero_2_equal_one_rank(tmp_path: Path, corpus: Path, teache
     worst = max(float(((w2[k] - w1[k]).norm() / w1[k].norm()).item()) for k in w1)
     print(f"2 ranks vs 1: weights {worst:.3g} apart")
     assert worst < 1e-5
+
+
+def test_the_distill_tiny_config_loads_a_smaller_student() -> None:
+    """configs/distill-tiny.yaml (`make distill`) is a complete distill config whose student
+    is smaller than the `make train` teacher it names."""
+    from model.flops import param_counts
+    from trainer.config import load_job_config
+    from trainer.stages import get_stage
+
+    get_stage("distill")
+    student = load_job_config(ROOT / "configs" / "distill-tiny.yaml", stage="distill")
+    teacher = load_job_config(ROOT / "configs" / "tiny.yaml")
+    assert student.sections["distill"].teacher == teacher.run.dir
+    assert student.tokenizer.path == f"{teacher.run.dir}/tokenizer"
+    assert student.data.seq_len == teacher.data.seq_len
+    for config in (student, teacher):
+        config.model.vocab_size = 4096
+    # 0.62M vs 1.84M parameters at vocab 4096 (embeddings dominate the student).
+    assert param_counts(student.model).total < param_counts(teacher.model).total / 2.5
