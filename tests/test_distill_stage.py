@@ -134,7 +134,7 @@ def _resumable(run_dir: Path, corpus: Path, teacher: Path) -> dict[str, Any]:
 
 
 def test_resume_from_a_checkpoint_is_bit_exact_and_checks_the_teacher(
-    tmp_path: Path, corpus: Path, teacher: Path
+    tmp_path: Path, corpus: Path, teacher: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A run resumed from its step-4 checkpoint (step 8's removed) ends with the losses and
     weights of the uninterrupted run, bit for bit. The teacher's SHA-256 is in the objective's
@@ -169,7 +169,12 @@ def test_resume_from_a_checkpoint_is_bit_exact_and_checks_the_teacher(
     raw["train"]["max_steps"] = 10
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
     assert main(["distill", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith(
+        "scaletrain: error: distill.teacher: its weights (sha256 "
+    ) and error[-1].endswith("start a new run.dir"), error
     assert read_metrics(resumed)[0][-1]["step"] == 9
 
 
@@ -189,17 +194,23 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path: Path, corpus: Path, teacher
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(
-    tmp_path: Path, corpus: Path, teacher: Path
+    tmp_path: Path, corpus: Path, teacher: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The run trains its own 300-piece tokenizer; the teacher's has 320: one line, exit 2,
+    """The run trains its own 360-piece tokenizer; the teacher's has 320: one line, exit 2,
     before any model is built."""
     from launch.cli import main
 
     raw = distill_config(tmp_path / "run", corpus, teacher)
-    raw["tokenizer"] = {"vocab_size": 300}
+    raw["tokenizer"] = {"vocab_size": 360}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["distill", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == (
+        f"scaletrain: error: distill.teacher: {teacher} has another tokenizer (320 pieces, the "
+        "run's has 360); distillation needs the student and teacher on one tokenizer"
+    ), error
+    assert not any("Traceback" in line for line in error)
     assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before the model
 
 
