@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-slow check lint typecheck golden bench-gpu mutants clean
+.PHONY: install train distill test test-slow check lint typecheck golden bench-gpu mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/scaletrain train $(CONFIG)
+
+# A smaller student distilled from the `make train` checkpoint (configs/distill-tiny.yaml).
+distill: $(STAMP)
+	test -d runs/tiny/checkpoints || $(MAKE) train
+	$(VENV)/bin/scaletrain distill configs/distill-tiny.yaml
 
 check: lint typecheck
 
