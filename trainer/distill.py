@@ -23,8 +23,8 @@ from trainer.setup import init_from_folder, load_weights
 from trainer.stages import (
     Stage,
     StageContext,
-    _pretrain_eval_sets,
-    _pretrain_loader,
+    pretrain_eval_sets,
+    pretrain_loader,
     register_stage,
 )
 
@@ -123,8 +123,8 @@ def build_distill_objective(ctx: StageContext) -> DistillObjective:
 DISTILL = Stage(
     name="distill",
     build_objective=build_distill_objective,
-    build_loader=_pretrain_loader,
-    build_eval_sets=_pretrain_eval_sets,
+    build_loader=pretrain_loader,
+    build_eval_sets=pretrain_eval_sets,
     sections={SECTION: DistillConfig},
     prepare=check_teacher_tokenizer,
 )

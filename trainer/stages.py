@@ -129,7 +129,7 @@ def get_stage(name: str) -> Stage:
 
 
 # ---------------------------------------------------------------------------- pretraining
-def _pretrain_loader(ctx: StageContext) -> TrainLoader:
+def pretrain_loader(ctx: StageContext) -> TrainLoader:
     config = ctx.config
     return build_train_loader(
         ctx.tokenizer,
@@ -141,7 +141,7 @@ def _pretrain_loader(ctx: StageContext) -> TrainLoader:
     )
 
 
-def _pretrain_eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
+def pretrain_eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
     """This rank's share of fixed validation sequences, per validation source."""
     config = ctx.config
     rank, world_size = ctx.data_rank
@@ -180,8 +180,8 @@ PRETRAIN = Stage(
     build_objective=lambda ctx: CausalLMObjective(
         ctx.config.data.seq_len, loss_chunk_tokens(ctx.config)
     ),
-    build_loader=_pretrain_loader,
-    build_eval_sets=_pretrain_eval_sets,
+    build_loader=pretrain_loader,
+    build_eval_sets=pretrain_eval_sets,
     sequence_parallel=True,
 )
 register_stage(PRETRAIN)
