@@ -61,3 +61,24 @@ def train_in_process(raw: dict, stage: str, hooks: list | None = None, monitors:
     trainer.setup()
     trainer.fit()
     return trainer
+
+
+def main(config_path: str, stage: str) -> None:
+    """Train `stage` with its monitors (one process of a torchrun job)."""
+    from launch.environment import detect_environment
+    from trainer.config import load_job_config
+    from trainer.distributed import destroy
+    from trainer.monitors import fine_tuning_monitors
+    from trainer.trainer import Trainer
+
+    config = load_job_config(config_path, stage=stage)
+    trainer = Trainer(config, detect_environment(), stage, hooks=fine_tuning_monitors(config))
+    trainer.setup()
+    trainer.fit()
+    destroy()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1], sys.argv[2])

@@ -266,3 +266,54 @@ def test_monitor_baselines_survive_a_crash_and_resume(
     assert lines(tmp_path / "run" / "samples.jsonl") == lines(monitored_run / "samples.jsonl")
     # max_forgetting 0 warns on any rise; the loss fell, so no forgetting warning.
     assert not [r for r in caplog.records if "forgetting:" in r.getMessage()]
+
+
+# ~1-2 min on the shared 2-core machine: two ranks starting DeepSpeed at ZeRO-3.
+@pytest.mark.slow
+def test_monitors_on_two_ranks_at_zero3(tmp_path: Path, corpus: Path) -> None:
+    """Every rank takes part in the retain eval and the ZeRO-3 gathers of sampling (fixed-length
+    generation); rank 0 alone writes. The chat stage renders the prompts with its template."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = monitored_config(tmp_path / "run", corpus)
+    raw["parallel"]["zero_stage"] = 3
+    raw["train"]["micro_batch_size"] = 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    module = ("tests.post_training_stages", "chat_pretrain")
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            module[0],
+            str(path),
+            module[1],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = lines(tmp_path / "run" / "metrics.jsonl")
+    loop = {r["step"]: r["eval_loss"] for r in records if r.get("split") == "synthetic"}
+    retain = {r["step"]: r for r in records if r.get("split") == "retain"}
+    assert sorted(retain) == sorted(loop) == [0, 4, 8]
+    for step, record in retain.items():
+        assert record["eval_loss"] == pytest.approx(loop[step], rel=1e-6)
+        assert record["forgetting"] == pytest.approx(loop[step] / loop[0] - 1, rel=1e-6)
+    diversity = [r for r in records if r.get("split") == "samples"]
+    assert [r["step"] for r in diversity] == [0, 4, 8]
+    samples = lines(tmp_path / "run" / "samples.jsonl")
+    assert len(samples) == 18  # written once, by rank 0
