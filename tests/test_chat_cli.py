@@ -162,3 +162,29 @@ def test_a_checkpoint_without_a_template_is_one_line(tmp_path: Path, corpus: Pat
         code, out, err = run_main([args[0], str(tmp_path / "run"), *args[1:]], "hello\n")
         assert code == 2, err[-2000:]
         assert err.count("\n") == 1 and "has no chat template" in err and out == ""
+
+
+END_OF_TEXT = {"qwen25": "<|endoftext|>", "chatml": "<|endoftext|>", "llama3": "<|end_of_text|>"}
+
+
+@pytest.mark.parametrize("style", ["qwen25", "chatml", "llama3", "mistral"])
+def test_end_of_turn_is_read_from_the_template(style: str, tmp_path: Path) -> None:
+    """The token the template writes after an assistant turn, even when EOS is another token
+    (as in base models, whose EOS is <|endoftext|>)."""
+    from data_pipeline.chat import ChatTemplate, chat_stop_ids, end_of_turn_ids
+    from data_pipeline.tokenizer import Tokenizer
+    from tests.test_chat import STYLES, build_folder
+
+    folder = build_folder(style, tmp_path / style)
+    if style in END_OF_TEXT:  # EOS is not the end of turn: only the template can say it is
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["eos_token"] = END_OF_TEXT[style]
+        config_path.write_text(json.dumps(config))
+    tokenizer = Tokenizer.load(folder)
+    template = ChatTemplate(STYLES[style]["template"], tokenizer)
+    end_of_turn = tokenizer.token_to_id(STYLES[style]["end_of_turn"])
+    assert end_of_turn_ids(template) == [end_of_turn]
+    assert chat_stop_ids(template) == list(dict.fromkeys([tokenizer.eos_id, end_of_turn]))
+    if style in END_OF_TEXT:
+        assert tokenizer.eos_id != end_of_turn
