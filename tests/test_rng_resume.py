@@ -53,13 +53,25 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
 
 
-def crash_and_resume(raw: dict[str, Any]) -> Path:
+def crash_and_resume(raw: dict[str, Any], monitors: bool = False) -> Path:
     with pytest.raises(RuntimeError, match="crash for the test"):
         post_training_stages.train_in_process(
-            raw, "lora_pretrain", hooks=[CrashAt(CRASH)], monitors=False
+            raw, "lora_pretrain", hooks=[CrashAt(CRASH)], monitors=monitors
         )
-    post_training_stages.train_in_process(raw, "lora_pretrain", monitors=False)
+    post_training_stages.train_in_process(raw, "lora_pretrain", monitors=monitors)
     return Path(raw["run"]["dir"])
+
+
+def with_monitors(raw: dict[str, Any], corpus: Path) -> dict[str, Any]:
+    """Evals every step with both monitors: sampling and retain evals between the steps."""
+    raw["train"]["eval_every"] = 1
+    raw["monitor"] = {
+        "retain": [{"path": str(corpus / "validation.jsonl"), "name": "retain"}],
+        "prompts": ["def ", "x = "],
+        "samples": 2,
+        "max_new_tokens": 6,
+    }
+    return raw
 
 
 def test_lora_dropout_run_resumes_bit_exactly_only_with_the_rng_state(
@@ -69,7 +81,12 @@ def test_lora_dropout_run_resumes_bit_exactly_only_with_the_rng_state(
     post_training_stages.train_in_process(
         lora_config(straight, corpus), "lora_pretrain", monitors=False
     )
-    resumed = crash_and_resume(lora_config(tmp_path / "resumed", corpus))
+    # The resumed run also samples and evaluates at every step: the monitors' seeded sampling
+    # and eval forwards must not touch the global RNG the dropout masks come from.
+    resumed = crash_and_resume(
+        with_monitors(lora_config(tmp_path / "resumed", corpus), corpus), monitors=True
+    )
+    assert (resumed / "samples.jsonl").is_file()
     assert losses(resumed) == losses(straight)
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys() and any(n.endswith("lora_B") for n in a)
