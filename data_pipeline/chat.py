@@ -435,3 +435,24 @@ def resize_token_embeddings(model: torch.nn.Module, vocab_size: int) -> list[int
     if config is not None and hasattr(config, "vocab_size"):
         config.vocab_size = vocab_size
     return list(range(old, vocab_size))
+
+
+def end_of_turn_ids(template: ChatTemplate) -> list[int]:
+    """The control token that closes an assistant turn in `template` (<|im_end|>, <|eot_id|>,
+    </s>), found by rendering a two-message conversation and reading the token right after the
+    assistant text; empty when the template writes none (or cannot render that conversation)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        conversation = template.tokenize(messages, train_on="last_assistant")
+    except MaskError:
+        return []
+    trained = [i for i, flag in enumerate(conversation.trained) if flag]
+    if trained and conversation.ids[trained[-1]] in template.tokenizer.special_ids():
+        return [conversation.ids[trained[-1]]]
+    return []
+
+
+def chat_stop_ids(template: ChatTemplate) -> list[int]:
+    """Ids that end an assistant answer: the tokenizer's stop ids (EOS, a release's end
+    tokens) plus the template's end-of-turn token."""
+    return list(dict.fromkeys([*template.tokenizer.stop_ids, *end_of_turn_ids(template)]))

@@ -183,6 +183,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.chat is not None:  # the checkpoint's chat template, stopping at the end of turn
+        from launch.chat_cli import cmd_generate_chat
+
+        return cmd_generate_chat(args)
     from model.generation import generate
     from trainer.inference import load_checkpoint_model
 
@@ -282,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from launch import chat_cli
+
     stages = {
         "train": ("pretrain", "pretrain a model from a YAML config"),
         "sft": ("sft", "supervised fine-tuning on chat/instruction data (model.init_from)"),
@@ -337,12 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "checkpoint", help="checkpoint folder, or a run dir (uses its newest checkpoint)"
     )
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="plain text to continue")
+    what.add_argument(
+        "--chat",
+        metavar="TEXT",
+        help="a user message: rendered with the checkpoint's chat template, answered until "
+        "the end of the assistant turn (only the answer is printed)",
+    )
+    chat_cli.add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+    chat_cli.register(commands)
 
     ev = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     ev.add_argument("checkpoint")

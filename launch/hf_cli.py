@@ -32,6 +32,18 @@ def parse_size(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "peft":
+        from trainer.peft_export import export_peft
+
+        adapter, base = export_peft(
+            args.checkpoint, args.out, args.arch, args.dtype, args.max_shard_size
+        )
+        print(
+            f"wrote {adapter} (peft adapter) on {base} (base model): "
+            f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base)!r}), "
+            f"{str(adapter)!r})"
+        )
+        return 0
     from trainer.hf_checkpoint import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.max_shard_size)
@@ -58,7 +70,13 @@ def register(subparsers: Any) -> None:
     export.add_argument(
         "checkpoint", help="checkpoint folder, or a run dir (uses its newest checkpoint)"
     )
-    export.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    export.add_argument(
+        "--format",
+        choices=["hf", "peft"],
+        default="hf",
+        help="hf: one folder, LoRA adapters merged; peft (LoRA checkpoints): the adapter in "
+        "OUT, the base model's hf export in OUT/base",
+    )
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument(
         "--arch",

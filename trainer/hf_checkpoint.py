@@ -30,6 +30,7 @@ from data_pipeline.tokenizer import (
 from model.config import ModelConfig
 from model.hf import DEFAULT_MAX_SHARD_BYTES, HFFolder, family_for, write_hf_weights
 from model.hf.weights import iter_converted, load_hf_into_model
+from model.lora import is_adapter_name
 from model.transformer import Transformer
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.config import JobConfig, load_job_config, write_config
@@ -79,11 +80,14 @@ def export_checkpoint(
     architecture: str | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    merge_adapters: bool = True,
 ) -> Path:
     """Write a verified scaletrain checkpoint as an HF folder; return the folder.
 
     The folder holds config.json, (sharded) safetensors, generation_config.json and the
-    tokenizer: see `write_tokenizer_files`. `dtype` None keeps the checkpoint's own.
+    tokenizer: see `write_tokenizer_files`. `dtype` None keeps the checkpoint's own. A LoRA
+    checkpoint exports merged, or with `merge_adapters=False` as its base model alone (the
+    network a peft adapter goes on, see `trainer.peft_export`).
     """
     # data loaders are not needed otherwise
     from trainer.inference import has_adapters, read_checkpoint_weights, resolve_checkpoint
@@ -105,7 +109,9 @@ def export_checkpoint(
         if dtype not in DTYPES:
             raise ckpt.CheckpointError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         load = handle.get_tensor
-        if has_adapters(names):  # a LoRA run: export the merged network
+        if has_adapters(names) and not merge_adapters:  # the base network alone
+            numels = [(name, shape) for name, shape in numels if not is_adapter_name(name)]
+        elif has_adapters(names):  # a LoRA run: export the merged network
             merged = read_checkpoint_weights(folder)
             numels = [(name, list(tensor.shape)) for name, tensor in merged.items()]
             load = merged.__getitem__

@@ -20,10 +20,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
             no_decay.append(param)
         else:
             decay.append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # DeepSpeed drops empty groups (LoRA trains matrices only), which would leave the LR
+    # scheduler one group longer than the optimizer it drives.
+    return [group for group in groups if group["params"]]
 
 
 #: Fused AdamW on CPU too. It took 0.27x the time of the per-parameter loop on a 28M-parameter
