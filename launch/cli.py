@@ -150,12 +150,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launch.preflight import load_config
     from trainer.distributed import destroy
     from trainer.hooks import fault_injection_hooks
+    from trainer.monitors import fine_tuning_monitors
     from trainer.trainer import Trainer
 
     config = load_config(args.config, args.set, stage)
     env = detect_environment()
     _setup_logging(env.is_main)
     hooks = fault_injection_hooks(args.fail_at_step, args.stall_at_step, args.inject)
+    hooks += fine_tuning_monitors(config)  # forgetting / diversity when a `monitor` section exists
     trainer = Trainer(config, env, stage=stage, hooks=hooks)
     trainer.setup()
     trainer.fit()  # the end-of-run sample is a hook (trainer.hooks.EndOfRunSample)
