@@ -13,15 +13,16 @@ WORDS = ["value", "count", "items", "result", "node", "total", "index", "buffer"
 
 
 def write_pairs(path: Path, n: int, seed: int) -> Path:
-    """Learnable pairs: the chosen answer repeats the prompt's word, the rejected one another."""
+    """Learnable pairs: the chosen answer is "good WORD", the rejected one "bad WORD" (a
+    preference for one token at the answer's start, which held-out prompts share)."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as handle:
         for _ in range(n):
             word, other = rng.sample(WORDS, 2)
             record = {
                 "prompt": f"Repeat the word {word}.",
-                "chosen": f"{word} {word}",
-                "rejected": f"{other} {other}",
+                "chosen": f"good {word} {other}",
+                "rejected": f"bad {word} {other}",
             }
             handle.write(json.dumps(record) + "\n")
     return path
@@ -33,7 +34,9 @@ def base_run(folder: Path, corpus: Path) -> Path:
     from trainer.config import job_config_from_dict
     from trainer.trainer import Trainer
 
-    raw = small_config(folder, corpus, train={"max_steps": 2, "eval_every": 0})
+    raw = small_config(
+        folder, corpus, train={"max_steps": 2, "eval_every": 0}, checkpoint={"every": 1}
+    )
     trainer = Trainer(job_config_from_dict(raw), detect_environment())
     trainer.setup()
     trainer.fit()
@@ -70,3 +73,38 @@ def preference_config(
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     return config
+
+
+def run_stage(raw: dict[str, Any], stage: str) -> Path:
+    """Train a preference stage in this process; returns the run dir."""
+    from launch.environment import detect_environment
+    from trainer.config import job_config_from_dict
+    from trainer.stages import get_stage
+    from trainer.trainer import Trainer
+
+    get_stage(stage)  # registers the stage's config sections
+    trainer = Trainer(job_config_from_dict(raw, stage=stage), detect_environment(), stage)
+    trainer.setup()
+    trainer.fit()
+    return Path(raw["run"]["dir"])
+
+
+def cli(stage: str, config: dict[str, Any], folder: Path, *extra: str) -> Any:
+    """`scaletrain STAGE CONFIG ...` in a subprocess (a crash exits it, not the tests)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = folder / f"config-{len(list(folder.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", stage, str(path), *extra],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        timeout=600,
+    )

@@ -20,6 +20,7 @@ with LoRA and no explicit reference it is the policy with its adapters switched 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import hashlib
 import json
@@ -328,12 +329,16 @@ def _lora(ctx: StageContext) -> LoRAConfig:
     return cast(LoRAConfig, ctx.config.sections["lora"])
 
 
-def _build_reference(ctx: StageContext, policy: Transformer, source: str | None) -> Transformer:
-    """The frozen reference: a copy of the starting policy, or `source`'s weights."""
+def _build_reference(
+    ctx: StageContext, policy: Transformer, source: str | None, source_vocab: int
+) -> Transformer:
+    """The frozen reference: a copy of the starting policy, or `source`'s weights (a network
+    of the policy's shape, at the starting vocabulary, grown like the policy)."""
     if source is None:
         reference = copy.deepcopy(policy)
     else:
-        reference = build_model(ctx.config.model, ctx.device, seed=ctx.config.run.seed)
+        shape = dataclasses.replace(policy.config, vocab_size=source_vocab)
+        reference = build_model(shape, ctx.device, seed=ctx.config.run.seed)
         try:
             load_weights(reference, source)
         except ConfigError as exc:
@@ -384,6 +389,7 @@ def _precompute(
 
 def _prepare_dpo_model(ctx: StageContext, model: nn.Module) -> nn.Module:
     policy = cast(Transformer, model)
+    source_vocab = policy.config.require_vocab()
     _grow_vocabulary(ctx, policy)
     dpo = cast(DPOConfig, ctx.config.sections["dpo"])
     lora = _lora(ctx)
@@ -394,7 +400,7 @@ def _prepare_dpo_model(ctx: StageContext, model: nn.Module) -> nn.Module:
             ctx.extras[REFERENCE_SHA] = model_weights_sha256(policy)
             ctx.extras[ADAPTERS_OFF] = True
         else:
-            reference = _build_reference(ctx, policy, dpo.reference)
+            reference = _build_reference(ctx, policy, dpo.reference, source_vocab)
             sha = model_weights_sha256(reference)
             ctx.extras[REFERENCE_SHA] = sha
             if dpo.precompute_reference:
