@@ -178,3 +178,41 @@ def test_dpo_raises_heldout_reward_accuracy_and_margin(
     assert after["reward_accuracy"] >= 0.75, after
     assert after["reward_margin"] > 0.1, after
     assert after["eval_loss"] < math.log(2) - 0.05
+
+
+@pytest.mark.slow
+def test_one_rank_and_two_ranks_at_zero3_give_equal_losses(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = config(data, tmp_path / "one", train={"max_steps": 3, "micro_batch_size": 2})
+    raw["parallel"]["zero_stage"] = 3
+    assert cli("dpo", raw, tmp_path).returncode == 0
+    two = copy.deepcopy(raw)
+    two["run"]["dir"] = str(tmp_path / "two")
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "launch.cli", "dpo", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_lines = read_metrics(tmp_path / "one")[0]
+    two_lines = read_metrics(tmp_path / "two")[0]
+    assert len(one_lines) == len(two_lines) == 3
+    for a, b in zip(one_lines, two_lines, strict=True):
+        assert abs(a["dpo_loss"] - b["dpo_loss"]) < 1e-5, (a["dpo_loss"], b["dpo_loss"])
+        assert a["tokens"] == b["tokens"]
+    assert one_lines[0]["dpo_loss"] != one_lines[-1]["dpo_loss"]  # it trained
