@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train distill test test-slow check lint typecheck golden bench-gpu mutants clean
+.PHONY: install train distill dpo rm test test-slow check lint typecheck golden bench-gpu mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ train: $(STAMP)
 distill: $(STAMP)
 	test -d runs/tiny/checkpoints || $(MAKE) train
 	$(VENV)/bin/scaletrain distill configs/distill-tiny.yaml
+
+# Preference stages on the checkpoint of `make sft` (runs/sft-tiny).
+dpo: $(STAMP)
+	$(VENV)/bin/scaletrain dpo configs/dpo-tiny.yaml
+
+rm: $(STAMP)
+	$(VENV)/bin/scaletrain rm configs/rm-tiny.yaml
 
 check: lint typecheck
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Record formats of post-training sources (`format:` on a source); see data_pipeline.conversations.
-RECORD_FORMATS = ("text", "messages", "prompt_completion", "sharegpt")
+RECORD_FORMATS = ("text", "messages", "prompt_completion", "sharegpt", "preference", "hh")
 
 
 @dataclass

@@ -289,3 +289,31 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
         "margins": torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32),
     }
     return Batch(input_ids, labels, pad_mask=pad_mask, num_pairs=len(pairs), extras=extras)
+
+
+# ---------------------------------------------------------------------------- the builtin set
+BUILTIN_STDLIB_PREFERENCE = "builtin:stdlib-preference"
+
+
+def stdlib_preference_records(
+    split: str, validation_percent: float = 2.0, limit: int = 2048
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`builtin:stdlib-preference`: (where, record) preference pairs from the standard library.
+
+    The prompt asks for a public function's docstring (as `builtin:stdlib-instruct` does); the
+    chosen answer is the first paragraph of its own docstring, the rejected one another
+    function's (half the set away, so never a neighbour from the same file). The split follows
+    `builtin:stdlib` (by file), at most `limit` pairs, in a fixed order: every run builds the
+    same set.
+    """
+    from itertools import islice
+
+    from data_pipeline.sources import stdlib_instructions
+
+    items = list(islice(stdlib_instructions(split, validation_percent), limit))
+    for index, (where, record) in enumerate(items):
+        question, answer = (m["content"] for m in record["messages"])
+        other = items[(index + len(items) // 2) % len(items)][1]["messages"][1]["content"]
+        if other == answer:
+            continue
+        yield where, {"prompt": question, "chosen": answer, "rejected": other}

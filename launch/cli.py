@@ -402,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import merge_cli
 
     merge_cli.register(commands)
+
+    from launch import score_cli
+
+    score_cli.register(commands)
     return parser
 
 

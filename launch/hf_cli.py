@@ -45,7 +45,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         return 0
     from trainer.hf_checkpoint import export_checkpoint
+    from trainer.hf_reward import export_reward_checkpoint, is_reward_checkpoint
+    from trainer.inference import resolve_checkpoint
 
+    if is_reward_checkpoint(resolve_checkpoint(args.checkpoint)):
+        out = export_reward_checkpoint(
+            args.checkpoint, args.out, args.arch, args.dtype or "float32"
+        )
+        print(f"wrote {out} (load with transformers.AutoModelForSequenceClassification)")
+        return 0
     out = export_checkpoint(args.checkpoint, args.out, args.arch, args.dtype, args.max_shard_size)
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -19,7 +19,8 @@ into that matrix: W + (alpha / r) B A (no dropout there).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -304,6 +305,25 @@ def _lora_modules(
             if isinstance(child, LoRALinear | LoRAHead | LoRAGroupedExperts):
                 found.append((parent, name, child))
     return found
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, every adapter of `model` contributes nothing: the model computes its
+    base weights' function (LoRA-DPO's reference without a second copy of the model).
+
+    The adapters' scaling is set to 0, so each output is base + 0 * update, bit-equal to
+    the base alone; the scalings are restored on exit, also after an exception.
+    """
+    modules = [module for _, _, module in _lora_modules(model)]
+    saved = [module.scaling for module in modules]
+    for module in modules:
+        module.scaling = 0.0
+    try:
+        yield
+    finally:
+        for module, scaling in zip(modules, saved, strict=True):
+            module.scaling = scaling
 
 
 @torch.no_grad()

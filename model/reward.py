@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.moe.layer import MoEFeedForward
 from model.transformer import Transformer
 
 
@@ -36,6 +37,10 @@ class RewardModel(nn.Module):
         trainer, so initial rewards are O(1))."""
         dim = self.backbone.config.dim
         nn.init.normal_(self.score.weight, std=std if std is not None else (dim + 1) ** -0.5)
+
+    def moe_layers(self) -> dict[int, MoEFeedForward]:
+        """The backbone's MoE layers (the loop updates their routing biases after each step)."""
+        return self.backbone.moe_layers()
 
     def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (B,) float32 for tokens (B, T); pad_mask (B, T) True at padding, any side.

@@ -48,7 +48,7 @@ def load_reward_checkpoint(path: str | Path, device: str = "cpu") -> LoadedRewar
     ckpt.verify_checkpoint(folder)
     if not is_reward_checkpoint(folder):
         raise ckpt.CheckpointError(f"{folder}: not a reward model (no {SCORE_NAME})")
-    config = load_job_config(folder / "config.yaml")
+    config = load_job_config(folder / "config.yaml", ignore_unknown_sections=True)
     model = RewardModel(build_model(config.model, "meta"))
     model.to_empty(device=device)
     model.load_state_dict(load_file(folder / "model.safetensors", device=device), strict=True)

@@ -20,12 +20,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
             no_decay.append(param)
         else:
             decay.append(param)
-    groups = [
+    groups: list[dict[str, object]] = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # DeepSpeed drops empty groups (LoRA trains matrices only), which would leave the LR
-    # scheduler one group longer than the optimizer it drives.
+    # An empty group (LoRA trains matrices only) is dropped by DeepSpeed, and the scheduler
+    # built on the groups would then no longer match the optimizer's.
     return [group for group in groups if group["params"]]
 
 
