@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-slow check lint typecheck golden bench-gpu mutants clean
+.PHONY: install train sft test test-slow check lint typecheck golden bench-gpu mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/scaletrain train $(CONFIG)
+
+# Fine-tune `make train`'s checkpoint into a chat model (configs/sft-tiny.yaml; run `make train` first).
+sft: $(STAMP)
+	$(VENV)/bin/scaletrain sft configs/sft-tiny.yaml
 
 check: lint typecheck
 

@@ -20,10 +20,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
             no_decay.append(param)
         else:
             decay.append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # An empty group (LoRA trains matrices only) is dropped here: DeepSpeed drops it too, and
+    # a scheduler built over the groups must see the same list.
+    return [group for group in groups if group["params"]]
 
 
 #: Fused AdamW on CPU too. It took 0.27x the time of the per-parameter loop on a 28M-parameter
