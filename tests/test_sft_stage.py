@@ -421,3 +421,62 @@ def test_sft_configs_load_with_their_sections() -> None:
     assert config.sections["lora"] == LoRAConfig(rank=0)
     with pytest.raises(ConfigError, match="sft"):
         job_config_from_dict(raw, stage="pretrain")
+
+
+def test_chatml_on_our_sentencepiece_checkpoint_adds_tokens_rows_and_answers(
+    tmp_path: Path, chats: Path, corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The `make sft` path on a small scale: a pretraining checkpoint (sentencepiece, no chat
+    tokens) fine-tuned with chatml. <|im_start|>/<|im_end|> are added (tokenizer and two
+    embedding rows, started at the mean row: the first eval happens before any update), every
+    checkpoint carries the tokenizer and chat_template.jinja, and the end-of-run chat sample
+    stops at <|im_end|>."""
+    from launch.environment import detect_environment
+    from tests.helpers import small_config
+    from trainer.config import job_config_from_dict
+    from trainer.inference import load_checkpoint_model
+    from trainer.sft import ChatSample
+    from trainer.trainer import Trainer
+
+    base_raw = small_config(tmp_path / "base", corpus, train={"max_steps": 2, "eval_every": 0})
+    base = Trainer(job_config_from_dict(base_raw), detect_environment())
+    base.setup()
+    base.fit()
+    base_vocab = base.model.config.vocab_size
+    assert base.tokenizer.token_to_id("<|im_end|>") < 0
+
+    raw = sft_config(
+        tmp_path / "chatml",
+        chats,
+        tmp_path,
+        chat={"template": "chatml"},
+        sft={"truncation": "drop", "sample_chat": "What does add_value(count) return?"},
+        train={"max_steps": 2},
+    )
+    raw["model"] = {"init_from": str(tmp_path / "base")}
+    raw["data"]["seq_len"] = 128
+    from trainer.stages import get_stage
+
+    get_stage("sft")
+    trainer = Trainer(
+        job_config_from_dict(raw, stage="sft"), detect_environment(), "sft", hooks=[ChatSample()]
+    )
+    trainer.setup()
+    start, end = (
+        trainer.tokenizer.token_to_id("<|im_start|>"),
+        trainer.tokenizer.token_to_id("<|im_end|>"),
+    )
+    assert (start, end) == (base_vocab, base_vocab + 1)
+    embeddings = trainer.model.tok_embeddings.weight.detach()
+    torch.testing.assert_close(embeddings[start], embeddings[:base_vocab].mean(0))
+    capsys.readouterr()
+    trainer.fit()
+    printed = capsys.readouterr().out
+    assert "user: What does add_value(count) return?" in printed and "assistant:" in printed
+
+    loaded = load_checkpoint_model(tmp_path / "chatml")
+    assert loaded.model.config.vocab_size == base_vocab + 2
+    assert loaded.tokenizer.token_to_id("<|im_end|>") == end
+    assert (loaded.folder / "chat_template.jinja").read_text().startswith("{% for message")
+    written = yaml.safe_load((loaded.folder / "config.yaml").read_text())
+    assert written["model"]["vocab_size"] == base_vocab + 2
