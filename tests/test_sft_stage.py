@@ -257,7 +257,14 @@ def test_lora_freezes_the_base_and_trains_moe_expert_adapters(
 def test_resume_mid_epoch_is_bit_exact(tmp_path: Path, chats: Path, hf_dir: Path) -> None:
     """Crash after step 3 (a checkpoint at step 2, mid-epoch), resume: the losses of steps
     3-4 and the final weights equal an uninterrupted run's exactly."""
-    settings = {"train": {"max_steps": 4}, "checkpoint": {"every": 2, "keep": 3}}
+    train_file = tmp_path / "train.jsonl"  # two bad records: counted once, also after resume
+    bad = ['{"messages": [{"role": "user", "content": "hi"}]}', "{not json"]
+    train_file.write_text((chats / "train.jsonl").read_text() + "\n".join(bad) + "\n")
+    settings: dict[str, Any] = {
+        "train": {"max_steps": 4},
+        "checkpoint": {"every": 2, "keep": 3},
+        "data": {"train": [{"path": str(train_file), "name": "chats"}]},
+    }
     whole = sft_in_process(sft_config(tmp_path / "whole", chats, hf_dir, **settings))
     raw = sft_config(tmp_path / "crashed", chats, hf_dir, **settings)
     crashed = sft_cli(raw, tmp_path, "--fail-at-step", "3")
@@ -271,6 +278,12 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path: Path, chats: Path, hf_dir: Path
     assert train_losses(resumed) == train_losses(whole)
     final, reference = checkpoint_weights(resumed, 4), checkpoint_weights(whole, 4)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+    counted = [
+        json.loads((run / "checkpoints/step_00000004/trainer_state.json").read_text())
+        for run in (whole, resumed)
+    ]
+    assert sum(counted[0]["skipped_records"].values()) == 2
+    assert counted[1]["skipped_records"] == counted[0]["skipped_records"]
     # The check can fail: step 2's weights are not step 4's.
     early = checkpoint_weights(whole, 2)
     assert not all(torch.equal(early[k], reference[k]) for k in reference)

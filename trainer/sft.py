@@ -18,6 +18,7 @@ loss, packing, truncation; plus the end-of-run chat sample), `chat` (the chat te
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -189,6 +190,10 @@ class SFTTrainLoader:
         except ValueError as exc:
             raise DataError(f"data.train: {exc}") from None
         self.tokens = dict.fromkeys(self.labels, 0)
+        # The records skipped while reading join the run's counters (metrics, the summary
+        # line, checkpoints); a resumed run's saved counters hold them already.
+        self.skips = ctx.skips
+        self.skips.counts.update(dataset.skips.counts)
         if ctx.env.is_main:
             logger.info(
                 "sft data: %d conversations, %d steps per epoch of %d rows; %d steps = %.2f epochs",
@@ -229,6 +234,9 @@ class SFTTrainLoader:
                 "(model.init_from) to fine-tune a checkpoint of another stage"
             )
         self.loader.load_state_dict(state["sft"])
+        # The loop adds the checkpoint's counters next, which include this dataset's skips.
+        self.skips.counts.subtract(self.dataset.skips.counts)
+        self.skips.counts += Counter()  # drops the reasons now at zero
         self.tokens.update(state.get("tokens_by_source", {}))
 
     def tokens_by_source(self) -> dict[str, int]:
