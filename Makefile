@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train distill dpo rm test test-slow check lint typecheck golden bench-gpu mutants clean
+.PHONY: install train sft distill dpo rm test test-slow check lint typecheck golden bench-gpu mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/scaletrain train $(CONFIG)
 
+# Fine-tune `make train`'s checkpoint into a chat model (configs/sft-tiny.yaml).
+sft: $(STAMP)
+	test -d runs/tiny/checkpoints || $(MAKE) train
+	$(VENV)/bin/scaletrain sft configs/sft-tiny.yaml
+
 # A smaller student distilled from the `make train` checkpoint (configs/distill-tiny.yaml).
 distill: $(STAMP)
 	test -d runs/tiny/checkpoints || $(MAKE) train
@@ -29,9 +34,11 @@ distill: $(STAMP)
 
 # Preference stages on the checkpoint of `make sft` (runs/sft-tiny).
 dpo: $(STAMP)
+	test -d runs/sft-tiny/checkpoints || $(MAKE) sft
 	$(VENV)/bin/scaletrain dpo configs/dpo-tiny.yaml
 
 rm: $(STAMP)
+	test -d runs/sft-tiny/checkpoints || $(MAKE) sft
 	$(VENV)/bin/scaletrain rm configs/rm-tiny.yaml
 
 check: lint typecheck

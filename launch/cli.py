@@ -112,6 +112,20 @@ def describe_plan(
             f"(params {mem.params_bytes / 2**30:.3f}, grads {mem.grads_bytes / 2**30:.3f}, "
             f"optimizer {mem.optimizer_bytes / 2**30:.3f}) + {mem.host_bytes / 2**30:.3f} GiB host{marker}"
         )
+    lora = config.sections.get("lora")
+    if lora is not None:  # fine-tuning stages: what trains, and its optimizer state
+        from model.lora import adam_state_bytes, lora_parameter_counts
+
+        total, trainable = lora_parameter_counts(config.model, lora)
+        fp32_master = precision != "fp32" or config.parallel.zero_stage >= 1
+        what = f"lora rank {lora.rank} on {', '.join(lora.targets)}" if lora.rank else "full"
+        lines.append(
+            f"trainable ({what}): {trainable:,} of {total:,} parameters "
+            f"({100 * trainable / total:.3g}%); AdamW state "
+            f"{adam_state_bytes(trainable, fp32_master) / 2**30:.3f} GiB "
+            f"(full fine-tuning: {adam_state_bytes(counts.total, fp32_master) / 2**30:.3f} GiB; "
+            "all ranks together, ZeRO >= 1 shards it)"
+        )
     ds = build_deepspeed_config(config, micro, accumulation_steps, world_size, precision)
     lines += ["", f"# deepspeed config (world size {world_size})", json.dumps(ds, indent=2)]
     return "\n".join(lines)
@@ -158,6 +172,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging(env.is_main)
     hooks = fault_injection_hooks(args.fail_at_step, args.stall_at_step, args.inject)
     hooks += fine_tuning_monitors(config)  # forgetting / diversity when a `monitor` section exists
+    if stage == "sft":  # the end-of-run chat turn (sft.sample_chat)
+        from trainer.sft import ChatSample
+
+        hooks.append(ChatSample())
     trainer = Trainer(config, env, stage=stage, hooks=hooks)
     trainer.setup()
     trainer.fit()  # the end-of-run sample is a hook (trainer.hooks.EndOfRunSample)

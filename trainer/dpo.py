@@ -61,6 +61,7 @@ from model.reward import RewardModel
 from model.transformer import Transformer
 from trainer.config_io import ConfigError
 from trainer.distributed import barrier
+from trainer.monitors import MONITOR_SECTION, MonitorConfig
 from trainer.objectives.base import Objective
 from trainer.objectives.preference import DPOObjective, RewardObjective
 from trainer.objectives.preference_config import DPOConfig, RMConfig
@@ -449,7 +450,13 @@ DPO = Stage(
     build_objective=_dpo_objective,
     build_loader=_loader,
     build_eval_sets=_eval_sets,
-    sections={"dpo": DPOConfig, "chat": ChatConfig, "sft": SFTConfig, "lora": LoRAConfig},
+    sections={
+        "dpo": DPOConfig,
+        "chat": ChatConfig,
+        "sft": SFTConfig,
+        "lora": LoRAConfig,
+        MONITOR_SECTION: MonitorConfig,  # forgetting / diversity hooks (trainer/monitors.py)
+    },
     prepare=_prepare,
     prepare_model=_prepare_dpo_model,
 )
