@@ -555,3 +555,37 @@ def test_merge_streams_tensor_by_tensor(tmp_path: Path, tokenizer: Tokenizer) ->
     assert growth["all_at_once"] > 0.9 * input_bytes
     merged = load_file(tmp_path / "streaming" / "model.safetensors")
     assert merged.keys() == shapes.keys()
+
+
+def test_a_lora_checkpoint_merges_with_its_adapters_folded_in(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A LoRA run's checkpoint (adapters beside frozen base weights, a `lora` section in its
+    config.yaml) enters a merge as base + scaling x B @ A; a linear merge of it with itself
+    gives exactly that folded network, and a wrong scaling would not."""
+    import yaml
+
+    config = model_config()
+    state = random_state(config, 0)
+    g = torch.Generator().manual_seed(1)
+    q = "layers.0.attention.q_proj"
+    out_dim, in_dim = state[f"{q}.weight"].shape
+    lora_a, lora_b = torch.randn(4, in_dim, generator=g), torch.randn(out_dim, 4, generator=g)
+    adapted = dict(state, **{f"{q}.lora_A": lora_a, f"{q}.lora_B": lora_b})
+    folder = write_checkpoint(tmp_path / "lora", config, adapted, tokenizer)
+    raw = yaml.safe_load((folder / "config.yaml").read_text())
+    raw["lora"] = {"rank": 4, "alpha": 8.0, "targets": ["q_proj"]}
+    (folder / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    ckpt.write_manifest(folder, {"step": 0})  # the manifest covers the edited config
+    code, _, err = cli(
+        capsys, "merge", "--method", "linear", "--models", folder, folder, "--out", tmp_path / "m"
+    )
+    assert code == 0, err
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert not any("lora_" in name for name in merged)
+    expected = state[f"{q}.weight"] + (8.0 / 4) * (lora_b @ lora_a)
+    torch.testing.assert_close(merged[f"{q}.weight"], expected, rtol=1e-5, atol=1e-5)
+    assert (merged[f"{q}.weight"] - state[f"{q}.weight"]).abs().max() > 1e-2  # adapters count
+    for name, tensor in state.items():
+        if name != f"{q}.weight":
+            assert torch.equal(merged[name], tensor), name
