@@ -1,7 +1,8 @@
 """Training-step throughput: our Transformer against `transformers`' LlamaForCausalLM.
 
-Both models get the same shape, weights, batch, dtype and optimizer (AdamW), and are timed
-alternately in one run, so machine noise hits both alike; the ratio is the figure to read.
+Both models get the same shape, weights, batch, dtype and optimizer (AdamW with our trainer's
+kernel: fused), and are timed alternately in one run, so machine noise hits both alike; the
+ratio is the figure to read.
 
 Run:  python -m bench.train_step [--dim 256 --layers 4 --batch 8 --seq-len 256 --steps 10]
       [--compile] [--profile 15]
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from model import ModelConfig, build_model
 from model.hf.weights import save_model_as_hf
+from trainer.optim import adamw_implementation
 
 
 def timed_steps(step: object, steps: int) -> list[float]:
@@ -81,8 +83,12 @@ def main() -> None:
     )
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
+    # Both use our trainer's AdamW kernel (trainer.optim: fused on CUDA and CPU), which is also
+    # transformers' Trainer default (`adamw_torch_fused` with torch >= 2.8).
+    kernel = adamw_implementation(ours)
+
     def make_step(model: torch.nn.Module, forward: object) -> object:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kernel)
 
         def step() -> float:
             logits = forward(inputs)  # type: ignore[operator]

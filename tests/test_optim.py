@@ -70,10 +70,10 @@ def test_kernel_choice_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     import trainer.optim
 
     model = build_model(CONFIG, seed=1)
-    assert adamw_implementation(model) == {"foreach": False}  # the golden curve's exact path
-    assert build_optimizer(model, TRAIN).defaults["foreach"] is False
-    monkeypatch.setattr(trainer.optim, "CPU_FUSED", True)
+    assert adamw_implementation(model) == {"fused": True}  # the golden curve's path
     assert build_optimizer(model, TRAIN).defaults["fused"] is True
+    monkeypatch.setattr(trainer.optim, "CPU_FUSED", False)
+    assert build_optimizer(model, TRAIN).defaults["foreach"] is False
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
