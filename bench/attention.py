@@ -24,6 +24,8 @@ import torch
 from model import ModelConfig, build_model
 from model.attention_paths import AttentionSpec, attend
 from model.presets import PRESETS
+from trainer.losses.cross_entropy import chunked_cross_entropy_sum
+from trainer.optim import adamw_implementation
 
 
 def _sync() -> None:
@@ -59,18 +61,26 @@ def attention_case(
 
 
 def train_step_case(
-    seq: int, batch: int, window: int | None, path: str | None
+    seq: int, batch: int, window: int | None, path: str | None, loss_chunk: int = 0
 ) -> Callable[[], None]:
-    """A training step of `tiny` (vocab 4096): forward, cross-entropy, backward, AdamW."""
+    """A training step of `tiny` (vocab 4096): forward, cross-entropy, backward, AdamW.
+
+    `loss_chunk` > 0: the loss of `train.loss_chunk_tokens` (never the full logits)."""
     shape = {**PRESETS["tiny"], "max_seq_len": seq, "sliding_window": window}
     model = build_model(ModelConfig(vocab_size=4096, **shape), seed=0)
     model.attention_path = path
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_implementation(model))
     tokens = torch.randint(0, 4096, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
 
     def run() -> None:
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        if loss_chunk:
+            hidden = model.hidden_states(inputs)
+            loss = chunked_cross_entropy_sum(hidden, model.output_weight, labels, loss_chunk)
+            loss = loss / labels.numel()
+        else:
+            logits = model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -153,9 +163,35 @@ def main() -> None:
             "tiny T=1024 B=1 causal": train_step_case(1024, 1, None, None),
             "tiny T=1024 B=1 window=256 auto": train_step_case(1024, 1, 256, None),
             "tiny T=1024 B=1 window=256 dense": train_step_case(1024, 1, 256, "dense"),
+            # 4x the sequence and the tokens of the row above, both well past the window.
+            "tiny T=4096 B=1 window=256 auto": train_step_case(4096, 1, 256, None),
+            # The same two with `train.loss_chunk_tokens: 1024` (no (tokens, vocab) logits).
+            "tiny T=1024 B=1 window=256 auto chunked loss": train_step_case(
+                1024, 1, 256, None, 1024
+            ),
+            "tiny T=4096 B=1 window=256 auto chunked loss": train_step_case(
+                4096, 1, 256, None, 1024
+            ),
         }
-        for name, seconds in measure(steps, args.warmups, args.repeats).items():
+        step_medians = measure(steps, args.warmups, args.repeats)
+        for name, seconds in step_medians.items():
             print(json.dumps({"train_step": name, "median_s": round(seconds, 4)}))
+        growth = (
+            step_medians["tiny T=4096 B=1 window=256 auto"]
+            / step_medians["tiny T=1024 B=1 window=256 auto"]
+        )
+        chunked = (
+            step_medians["tiny T=4096 B=1 window=256 auto chunked loss"]
+            / step_medians["tiny T=1024 B=1 window=256 auto chunked loss"]
+        )
+        print(
+            json.dumps(
+                {
+                    "window step growth T=1024->4096 (4x tokens)": round(growth, 3),
+                    "the same with the chunked loss": round(chunked, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from model import attention_paths
 from model.config import ModelConfig
 
 # Bytes of the fp32 log-sum-exp flash-style kernels keep per query and head.
@@ -105,9 +106,13 @@ def _kernel_bytes(
     keys = 2 * block + global_tokens
     # The key/value blocks and padded queries/outputs replace the plain k, v, q and output the
     # per-layer count already holds: only the excess (keys seen twice, padding) is added.
+    # Split over several SDPA calls (long sequences), the concatenated output is one more copy.
+    per_call = max(1, attention_paths.SCORE_BYTES_PER_CALL // (block * keys * 4))
+    concatenated = batch * n_blocks > per_call
     return (
         lse
         + 2 * batch * kv_heads * head_dim * dtype_bytes * (n_blocks * keys - seq)
         + 2 * batch * heads * head_dim * dtype_bytes * (n_blocks * block - seq)
         + batch * n_blocks * block * keys * dtype_bytes  # the block mask, made additive
+        + concatenated * batch * heads * head_dim * dtype_bytes * n_blocks * block
     )

@@ -218,6 +218,10 @@ def per_document_attention(
     return out.unflatten(1, (batch, seq)).transpose(0, 1)
 
 
+#: The blocked path's SDPA calls each cover at most this many bytes of fp32 (block, keys) scores.
+SCORE_BYTES_PER_CALL = 8 << 20
+
+
 def _key_blocks(x: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
     """(B, C, T, ...) -> (B, C, n_blocks, 2*block, ...): each block's previous and own block.
 
@@ -305,12 +309,24 @@ def blocked_attention(
     # Blocks folded into the batch: SDPA's fused CPU kernel takes 4-D inputs only.
     keys = k_blocks.shape[3]
     mask = visible.expand(batch, -1, -1, -1).reshape(batch * n_blocks, 1, block, keys)
-    out = F.scaled_dot_product_attention(
-        q_blocks.flatten(0, 1),  # (B*n_blocks, H, block, D)
-        k_blocks.flatten(0, 1),  # (B*n_blocks, KVH, keys, D)
-        v_blocks.flatten(0, 1),
-        attn_mask=mask,
-        enable_gqa=n_heads != k.shape[1],
-    ).unflatten(0, (batch, n_blocks))  # (B, n_blocks, H, block, D)
+    flat = (q_blocks.flatten(0, 1), k_blocks.flatten(0, 1), v_blocks.flatten(0, 1), mask)
+    # At most ~8 MiB of (block, keys) scores per SDPA call: one call over every block makes the
+    # kernel's mask and score buffers grow with T past the allocator's reuse (memory-mapped
+    # anew each call), and the time grew faster than T (docs/BENCHMARKS.md, attention).
+    per_call = max(1, SCORE_BYTES_PER_CALL // (block * keys * 4))
+    outs = [
+        F.scaled_dot_product_attention(
+            q_part,  # (blocks, H, block, D)
+            k_part,  # (blocks, KVH, keys, D)
+            v_part,
+            attn_mask=mask_part,
+            enable_gqa=n_heads != k.shape[1],
+        )
+        for q_part, k_part, v_part, mask_part in zip(
+            *(x.split(per_call) for x in flat), strict=True
+        )
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    out = out.unflatten(0, (batch, n_blocks))  # (B, n_blocks, H, block, D)
     out = out.transpose(1, 2).flatten(2, 3)  # (B, H, n_blocks*block, D)
     return out[:, :, :seq]

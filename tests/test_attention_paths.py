@@ -79,6 +79,20 @@ def test_blocked_path_matches_the_dense_mask(case: str) -> None:
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["window+documents", "global+documents", "gqa-window+documents"])
+def test_blocked_path_in_several_sdpa_calls_matches_the_dense_mask(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long sequences split the blocks over several SDPA calls (SCORE_BYTES_PER_CALL); here
+    every call holds one or two blocks, and the result is still the dense reference's."""
+    import model.attention_paths
+
+    monkeypatch.setattr(model.attention_paths, "SCORE_BYTES_PER_CALL", 1)
+    test_blocked_path_matches_the_dense_mask(case)
+    monkeypatch.setattr(model.attention_paths, "SCORE_BYTES_PER_CALL", 2 * 8 * 30 * 4)
+    test_blocked_path_matches_the_dense_mask(case)
+
+
 def test_negative_control_without_the_window_differs() -> None:
     q, k, v = qkv(2, 4, 4, 64)
     out, _, _ = run(None, q, k, v, 8, None, 0)
@@ -301,6 +315,19 @@ def test_activation_memory_estimate_matches_what_autograd_saves(
     # Linear in the sequence on every path but the dense mask.
     growth = measured[1] / measured[0]
     assert growth > 2.04 if path == "dense" else growth == pytest.approx(2.0, rel=0.01)
+
+
+def test_activation_memory_estimate_with_several_sdpa_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Split over several SDPA calls, the blocked path keeps one more output copy; the estimate
+    counts it (a 1-byte budget: one block per call)."""
+    import model.attention_paths
+
+    monkeypatch.setattr(model.attention_paths, "SCORE_BYTES_PER_CALL", 1)
+    test_activation_memory_estimate_matches_what_autograd_saves(
+        "blocked", {"sliding_window": 16, "global_tokens": 2}, 0
+    )
 
 
 def test_activation_checkpointing_keeps_block_inputs_and_one_block() -> None:
