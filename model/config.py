@@ -10,6 +10,39 @@ class ModelConfigError(ValueError):
     """A model shape that cannot be built; the message starts with the offending key."""
 
 
+#: What a network's weights are and compute, as (attribute, config key): the attribute is the
+#: derived value where a key may be left unset (kv_heads for a null n_kv_heads, ffn_dim for the
+#: SwiGLU size rule, expert_dim), the key is what to name to the user. `model.init_from`, HF
+#: imports and `scaletrain merge` all compare models on these.
+NETWORK_FIELDS: tuple[tuple[str, str], ...] = (
+    ("vocab_size", "vocab_size"),
+    ("dim", "dim"),
+    ("n_layers", "n_layers"),
+    ("n_heads", "n_heads"),
+    ("kv_heads", "n_kv_heads"),
+    ("head_dim", "head_dim"),
+    ("ffn_dim", "ffn_hidden_dim"),
+    ("norm_eps", "norm_eps"),
+    ("rope_theta", "rope_theta"),
+    ("rope_scaling", "rope_scaling"),
+    ("tie_embeddings", "tie_embeddings"),
+    ("qk_norm", "qk_norm"),
+    ("attention_bias", "attention_bias"),
+    ("attention_out_bias", "attention_out_bias"),
+    ("sliding_window", "sliding_window"),
+    ("sliding_window_layers", "sliding_window_layers"),
+    ("global_tokens", "global_tokens"),
+    ("n_experts", "n_experts"),
+    ("top_k", "top_k"),
+    ("expert_dim", "moe_ffn_hidden_dim"),
+    ("n_shared_experts", "n_shared_experts"),
+    ("router_score", "router_score"),
+    ("norm_topk_prob", "norm_topk_prob"),
+    ("moe_every", "moe_every"),
+    ("first_dense_layers", "first_dense_layers"),
+)
+
+
 @dataclass
 class ModelConfig:
     """Shape and numerics of the transformer; `preset` names the registry entry it came from."""

@@ -27,7 +27,7 @@ from data_pipeline.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
 )
-from model.config import ModelConfig
+from model.config import NETWORK_FIELDS, ModelConfig
 from model.hf import DEFAULT_MAX_SHARD_BYTES, HFFolder, family_for, write_hf_weights
 from model.hf.weights import iter_converted, load_hf_into_model
 from model.lora import is_adapter_name
@@ -53,24 +53,6 @@ _PROBE_TEXTS = (
     "x ",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Fields that decide the numbers a model computes; init_from must agree on all of them.
-_SHAPE_FIELDS = (
-    "vocab_size",
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "ffn_dim",
-    "norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "tie_embeddings",
-    "qk_norm",
-    "attention_bias",
-    "attention_out_bias",
-    "sliding_window",
-)
 
 
 # ---------------------------------------------------------------------------- export
@@ -392,11 +374,11 @@ def load_hf_weights(model: Transformer, source: str) -> None:
     folder = HFFolder(hf_dir)
     theirs = folder.model_config()
     ours = model.config
-    for name in _SHAPE_FIELDS:
+    for name, key in NETWORK_FIELDS:
         mine, other = getattr(ours, name), getattr(theirs, name)
         if mine != other:
             raise ConfigError(
-                f"model.{name}: {mine!r} does not match {other!r} from {hf_dir}/config.json "
+                f"model.{key}: {mine!r} does not match {other!r} from {hf_dir}/config.json "
                 f"(model.init_from: {source})"
             )
     load_hf_into_model(model, folder)

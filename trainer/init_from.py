@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from model.config import ModelConfig, ModelConfigError
+from model.config import NETWORK_FIELDS, ModelConfig, ModelConfigError
 from model.hf.families import HFFormatError
 from model.hf.folder import HFFolder
 from model.presets import preset_config
@@ -20,33 +20,6 @@ from trainer.config_io import ConfigError, from_dict, load_yaml
 
 HF_PREFIX = "hf:"
 CONFIG_YAML = "config.yaml"
-# What the weights compute, compared after derivation (head_dim 0, n_kv_heads null and the
-# SwiGLU hidden size rule resolve first), with the config key to name when they differ.
-_NETWORK_FIELDS: tuple[tuple[str, str], ...] = (
-    ("vocab_size", "vocab_size"),
-    ("dim", "dim"),
-    ("n_layers", "n_layers"),
-    ("n_heads", "n_heads"),
-    ("kv_heads", "n_kv_heads"),
-    ("head_dim", "head_dim"),
-    ("ffn_dim", "ffn_hidden_dim"),
-    ("norm_eps", "norm_eps"),
-    ("rope_theta", "rope_theta"),
-    ("rope_scaling", "rope_scaling"),
-    ("tie_embeddings", "tie_embeddings"),
-    ("qk_norm", "qk_norm"),
-    ("attention_bias", "attention_bias"),
-    ("attention_out_bias", "attention_out_bias"),
-    ("sliding_window", "sliding_window"),
-    ("n_experts", "n_experts"),
-    ("top_k", "top_k"),
-    ("expert_dim", "moe_ffn_hidden_dim"),
-    ("n_shared_experts", "n_shared_experts"),
-    ("router_score", "router_score"),
-    ("norm_topk_prob", "norm_topk_prob"),
-    ("moe_every", "moe_every"),
-    ("first_dense_layers", "first_dense_layers"),
-)
 # Keys that do not change the weights' meaning: taken from the section when written there.
 _TRAINING_KEYS = (
     "max_seq_len",
@@ -113,7 +86,7 @@ def resolve_init_from_model(model_section: dict[str, Any], init_from: str) -> Mo
         stated.pop("preset")
     # The section's keys over the source's, so derived fields resolve as the section implies.
     candidate = from_dict(ModelConfig, {**source_fields, **stated}, "model")
-    for derived, key in _NETWORK_FIELDS:
+    for derived, key in NETWORK_FIELDS:
         ours, theirs = getattr(candidate, derived), getattr(source, derived)
         if ours != theirs:
             raise ConfigError(

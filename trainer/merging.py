@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 
 from data_pipeline.tokenizer import Tokenizer
+from model.config import NETWORK_FIELDS
 from model.hf import HFFolder
 from model.hf.state_dict import ours_to_hf_names
 from model.hf.weights import expected_shapes
@@ -50,32 +51,10 @@ DELTA_METHODS = ("task_arithmetic", "ties", "dare")
 FORMATS = ("checkpoint", "hf")
 HF_PREFIX = "hf:"
 WEIGHTS_FILE = "model.safetensors"
-# Fields that decide which tensors a model has and what they compute; inputs must agree on all.
+# Inputs must agree on every network field, and on how positions run through packed documents.
 ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "dim",
-    "n_layers",
-    "n_heads",
-    "kv_heads",
-    "head_dim",
-    "ffn_dim",
-    "norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "tie_embeddings",
-    "qk_norm",
-    "attention_bias",
-    "attention_out_bias",
-    "sliding_window",
+    *(attribute for attribute, _ in NETWORK_FIELDS),
     "reset_positions_per_document",
-    "n_experts",
-    "top_k",
-    "expert_dim",
-    "n_shared_experts",
-    "router_score",
-    "norm_topk_prob",
-    "moe_every",
-    "first_dense_layers",
 )
 # Colinearity threshold of slerp: above it sin(theta) is too small to divide by.
 SLERP_COLINEAR = 1.0 - 1e-6
