@@ -184,7 +184,10 @@ def test_dpo_raises_heldout_reward_accuracy_and_margin(
 def test_one_rank_and_two_ranks_at_zero3_give_equal_losses(
     data: dict[str, Path], tmp_path: Path
 ) -> None:
+    """With the reference sharded over the two ranks (trainer/frozen.py), live and through
+    the precompute pre-pass (tests/test_sharded_reference.py checks the shards themselves)."""
     import os
+    import re
     import subprocess
     import sys
 
@@ -193,22 +196,32 @@ def test_one_rank_and_two_ranks_at_zero3_give_equal_losses(
     raw = config(data, tmp_path / "one", train={"max_steps": 3, "micro_batch_size": 2})
     raw["parallel"]["zero_stage"] = 3
     assert cli("dpo", raw, tmp_path).returncode == 0
-    two = copy.deepcopy(raw)
-    two["run"]["dir"] = str(tmp_path / "two")
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(two))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "launch.cli", "dpo", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def two_ranks(name: str, **dpo: Any) -> str:
+        two = copy.deepcopy(raw)
+        two["run"]["dir"] = str(tmp_path / name)
+        two["dpo"] = {**two.get("dpo", {}), **dpo}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(two))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        torchrun = Path(sys.executable).parent / "torchrun"
+        command = [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "launch.cli"]
+        result = subprocess.run(
+            [*command, "dpo", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    logged = two_ranks("two")
+    sharded = re.search(r"reference sharded over 2 ranks \(ZeRO-3\): (\d+) of its (\d+)", logged)
+    assert sharded is not None, logged[-3000:]
+    assert int(sharded[1]) < 0.6 * int(sharded[2])
     one_lines = read_metrics(tmp_path / "one")[0]
     two_lines = read_metrics(tmp_path / "two")[0]
     assert len(one_lines) == len(two_lines) == 3
@@ -216,3 +229,11 @@ def test_one_rank_and_two_ranks_at_zero3_give_equal_losses(
         assert abs(a["dpo_loss"] - b["dpo_loss"]) < 1e-5, (a["dpo_loss"], b["dpo_loss"])
         assert a["tokens"] == b["tokens"]
     assert one_lines[0]["dpo_loss"] != one_lines[-1]["dpo_loss"]  # it trained
+
+    # The pre-pass over the sharded reference: its micro-batches shared out over the ranks.
+    two_ranks("cached", precompute_reference=True)
+    assert (tmp_path / "cached" / "reference_cache" / CACHE_FILE).is_file()
+    cached_lines = read_metrics(tmp_path / "cached")[0]
+    for a, b in zip(two_lines, cached_lines, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a["loss"], b["loss"])
+        assert abs(a["chosen_reward"] - b["chosen_reward"]) < 1e-6

@@ -54,3 +54,17 @@ def build_deepspeed_config(
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
     return ds
+
+
+def frozen_deepspeed_config(
+    config: JobConfig, micro_batch_size: int, world_size: int
+) -> dict[str, Any]:
+    """DeepSpeed's config for a frozen, inference-only model beside the trained one (DPO's
+    reference): the run's ZeRO stage, buckets and parameter offload, but no optimizer, no
+    gradient clipping and no optimizer offload. fp32: the frozen model keeps its own dtype
+    (DeepSpeed would cast it to the run's bf16/fp16), so its numbers do not depend on the stage."""
+    ds = build_deepspeed_config(config, micro_batch_size, 1, world_size, "fp32")
+    for key in ("gradient_clipping", "zero_allow_untested_optimizer"):
+        ds.pop(key)
+    ds["zero_optimization"].pop("offload_optimizer", None)
+    return ds

@@ -12,8 +12,10 @@ half as many pairs (a pair is a chosen and a rejected sequence); a micro-batch o
 even. Which pairs make up step s does not depend on the world size.
 
 DPO's reference (`dpo.reference`, default the starting checkpoint `model.init_from`) is a
-frozen copy built like the policy, kept outside the DeepSpeed engine and never checkpointed;
-with LoRA and no explicit reference it is the policy with its adapters switched off.
+frozen copy built like the policy, outside the policy's DeepSpeed engine and never
+checkpointed: at ZeRO-3 sharded over the ranks by an inference-only engine of its own
+(trainer/frozen.py), below ZeRO-3 whole on every rank. With LoRA and no explicit reference it
+is the policy with its adapters switched off.
 `dpo.precompute_reference` replaces it by cached log-probs (trainer/reference_cache.py).
 """
 
@@ -61,6 +63,7 @@ from model.reward import RewardModel
 from model.transformer import Transformer
 from trainer.config_io import ConfigError
 from trainer.distributed import barrier
+from trainer.frozen import is_sharded, partition_numels, release_frozen, shard_frozen
 from trainer.monitors import MONITOR_SECTION, MonitorConfig
 from trainer.objectives.base import Objective
 from trainer.objectives.preference import DPOObjective, RewardObjective
@@ -349,6 +352,22 @@ def _build_reference(
     return reference.eval()
 
 
+def _shard_reference(ctx: StageContext, reference: Transformer) -> nn.Module:
+    """At ZeRO-3 the reference's parameters partitioned over the ranks like the policy's (an
+    inference-only DeepSpeed engine, trainer/frozen.py); below, the whole copy on every rank."""
+    world = ctx.env.world_size
+    frozen = shard_frozen(reference, ctx.config, ctx.micro_batch_size, world)
+    if is_sharded(frozen):
+        local, full = partition_numels(frozen)
+        logger.info(
+            "dpo: reference sharded over %d ranks (ZeRO-3): %d of its %d elements on this rank",
+            world,
+            local,
+            full,
+        )
+    return frozen
+
+
 def _cache_key(ctx: StageContext, reference_sha: str) -> ReferenceCacheKey:
     template = cast(ChatTemplate, ctx.extras[TEMPLATE])
     return ReferenceCacheKey(
@@ -362,11 +381,29 @@ def _cache_key(ctx: StageContext, reference_sha: str) -> ReferenceCacheKey:
     )
 
 
+class PairMicroBatches:
+    """The training pairs' micro-batches in dataset order, collated (on `device`) when indexed."""
+
+    def __init__(
+        self, pairs: list[TokenizedPair], per_micro: int, pad_id: int, device: torch.device
+    ) -> None:
+        self.pairs, self.per_micro, self.pad_id, self.device = pairs, per_micro, pad_id, device
+
+    def __len__(self) -> int:
+        return -(-len(self.pairs) // self.per_micro)
+
+    def __getitem__(self, index: int) -> Batch:
+        start = index * self.per_micro
+        return collate_pairs(self.pairs[start : start + self.per_micro], self.pad_id).to(
+            self.device
+        )
+
+
 def _precompute(
     ctx: StageContext, reference: nn.Module, reference_sha: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference log-probs of every training pair: from the run's cache when its key
-    matches, else computed (every rank alike) and written by rank 0."""
+    matches, else computed (the micro-batches shared out over the ranks) and written by rank 0."""
     cache = ReferenceCache(ctx.run_dir / REFERENCE_CACHE_DIR)
     key = _cache_key(ctx, reference_sha)
     loaded = cache.load(key)
@@ -375,12 +412,8 @@ def _precompute(
         return loaded
     pairs = ctx.extras[TRAIN_PAIRS].pairs
     _, per_micro = pair_counts(ctx)
-    pad_id = _pad_id(ctx)
-    batches = (
-        collate_pairs(pairs[i : i + per_micro], pad_id).to(ctx.device)
-        for i in range(0, len(pairs), per_micro)
-    )
-    chosen, rejected = compute_reference_logps(reference, batches, len(pairs))
+    batches = PairMicroBatches(pairs, per_micro, _pad_id(ctx), ctx.device)
+    chosen, rejected = compute_reference_logps(reference, batches, len(pairs), ctx.device)
     if ctx.env.is_main:
         cache.save(key, chosen, rejected)
         logger.info("dpo: reference log-probs of %d pairs cached in %s", len(pairs), cache.path)
@@ -402,13 +435,16 @@ def _prepare_dpo_model(ctx: StageContext, model: nn.Module) -> nn.Module:
             ctx.extras[ADAPTERS_OFF] = True
         else:
             reference = _build_reference(ctx, policy, dpo.reference, source_vocab)
-            sha = model_weights_sha256(reference)
+            sha = model_weights_sha256(reference)  # the whole weights, before any sharding
             ctx.extras[REFERENCE_SHA] = sha
+            frozen = _shard_reference(ctx, reference)
+            del reference  # at ZeRO-3 only its partitions are held from here on
             if dpo.precompute_reference:
-                ctx.extras[CACHED_LOGPS] = _precompute(ctx, reference, sha)
-                del reference  # not held during training
+                ctx.extras[CACHED_LOGPS] = _precompute(ctx, frozen, sha)
+                release_frozen(frozen)
+                del frozen  # not held during training
             else:
-                ctx.extras[REFERENCE] = reference
+                ctx.extras[REFERENCE] = frozen
     return apply_lora(policy, lora, seed=ctx.config.run.seed)
 
 

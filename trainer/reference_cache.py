@@ -17,11 +17,13 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -34,6 +36,14 @@ CACHE_FILE = "reference_logps.safetensors"
 EXAMPLE_IDS = "example_ids"  # Batch.extras: (num_pairs,) long, the pair's index in the dataset
 REFERENCE_CHOSEN = "reference_chosen_logps"  # Batch.extras filled by `attach_reference_logps`
 REFERENCE_REJECTED = "reference_rejected_logps"
+
+
+class IndexedBatches(Protocol):
+    """Batches by index: a list, or a view that collates each one when it is asked for."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Batch: ...
 
 
 def model_weights_sha256(model: nn.Module) -> str:
@@ -130,27 +140,49 @@ class ReferenceCache:
 
 @torch.no_grad()
 def compute_reference_logps(
-    reference: nn.Module, batches: Iterable[Batch], num_examples: int
+    reference: nn.Module,
+    batches: IndexedBatches,
+    num_examples: int,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of every pair under `reference`, by example id, in fp32.
 
-    Each batch holds `num_pairs` chosen rows then as many rejected rows, and
-    `extras["example_ids"]`; every id in [0, num_examples) must occur (a missing one is a bug
-    in the caller, so it raises).
+    Each of `batches` (a list, or batches made when indexed) holds `num_pairs` chosen rows
+    then as many rejected rows, and `extras["example_ids"]`; together they must cover every
+    id in [0, num_examples) (a missing one is a bug in the caller, so it raises).
+
+    With several ranks the batches are dealt round-robin, and every rank runs the same number
+    of forwards (a rank with fewer batches runs one again and drops its result), because a
+    sharded reference (trainer/frozen.py) gathers its weights collectively in every forward.
+    The ranks' results are then combined exactly: each value comes from the one rank that
+    computed it (an all-reduce MAX over -inf elsewhere), on `device` (the backend's).
     """
-    chosen = torch.full((num_examples,), float("nan"))
-    rejected = torch.full((num_examples,), float("nan"))
+    rank, world = 0, 1
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    chosen = torch.full((num_examples,), float("-inf"))
+    rejected = torch.full((num_examples,), float("-inf"))
+    mine = list(range(rank, len(batches), world))
+    forwards = -(-len(batches) // world)  # the most any rank has
     was_training = reference.training
     reference.eval()
     try:
-        for batch in batches:
-            logps = batch_sequence_logps(reference, batch)[0].cpu()
-            ids = batch.extras[EXAMPLE_IDS].cpu()
-            chosen[ids] = logps[: batch.num_pairs]
-            rejected[ids] = logps[batch.num_pairs :]
+        for k in range(forwards):
+            if k < len(mine):
+                batch = batches[mine[k]]
+                logps = batch_sequence_logps(reference, batch)[0].cpu()
+                ids = batch.extras[EXAMPLE_IDS].cpu()
+                chosen[ids] = logps[: batch.num_pairs]
+                rejected[ids] = logps[batch.num_pairs :]
+            else:  # padding: keeps this rank's forwards in step with the others'
+                batch_sequence_logps(reference, batches[mine[-1] if mine else 0])
     finally:
         reference.train(was_training)
-    missing = torch.isnan(chosen) | torch.isnan(rejected)
+    if world > 1:
+        both = torch.stack([chosen, rejected]).to(device or torch.device("cpu"))
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        chosen, rejected = both.cpu().unbind(0)
+    missing = ~(torch.isfinite(chosen) & torch.isfinite(rejected))
     if missing.any():
         raise ValueError(f"no reference log-probs for {int(missing.sum())} examples")
     return chosen, rejected
