@@ -37,9 +37,7 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 from data_pipeline.chat import (
-    CHAT_TEMPLATE_FILE,
     ChatTemplate,
-    load_chat_template,
     resize_token_embeddings,
 )
 from data_pipeline.config import ChatConfig, SFTConfig, SourceConfig
@@ -61,6 +59,7 @@ from model.flops import flops_per_token
 from model.lora import LoRAConfig, apply_lora
 from model.reward import RewardModel
 from model.transformer import Transformer
+from trainer.chat_setup import grow_vocabulary, prepare_chat
 from trainer.config_io import ConfigError
 from trainer.distributed import barrier
 from trainer.frozen import is_sharded, partition_numels, release_frozen, shard_frozen
@@ -76,7 +75,7 @@ from trainer.reference_cache import (
     model_weights_sha256,
     text_sha256,
 )
-from trainer.setup import init_from_folder, load_weights
+from trainer.setup import load_weights
 from trainer.stages import Stage, StageContext, register_stage
 
 logger = logging.getLogger(__name__)
@@ -310,23 +309,13 @@ def _eval_sets(ctx: StageContext) -> dict[str, list[Batch]]:
 def _prepare(ctx: StageContext) -> None:
     """The chat template (and its added tokens) as the run's tokenizer; the training pairs."""
     config = ctx.config
-    folder = init_from_folder(config.model.init_from) if config.model.init_from else None
-    template, tokenizer, _ = load_chat_template(
-        cast(ChatConfig, config.sections["chat"]), ctx.tokenizer, folder
-    )
-    ctx.tokenizer = tokenizer
-    ctx.extras[TEMPLATE] = template
-    if ctx.env.is_main:
-        target = ctx.run_dir / "tokenizer"
-        tokenizer.save(target)
-        (target / CHAT_TEMPLATE_FILE).write_text(template.source, encoding="utf-8")
-    barrier()
+    ctx.extras[TEMPLATE] = prepare_chat(ctx, cast(ChatConfig, config.sections["chat"]))
     ctx.extras[TRAIN_PAIRS] = build_pairs(ctx, "train")
 
 
 def _grow_vocabulary(ctx: StageContext, model: Transformer) -> None:
-    if ctx.tokenizer.vocab_size > model.config.require_vocab():
-        resize_token_embeddings(model, ctx.tokenizer.vocab_size)
+    """The reference's rows, grown like the policy's (silently: the policy's line said so)."""
+    resize_token_embeddings(model, ctx.tokenizer.vocab_size)
 
 
 def _lora(ctx: StageContext) -> LoRAConfig:
@@ -424,7 +413,7 @@ def _precompute(
 def _prepare_dpo_model(ctx: StageContext, model: nn.Module) -> nn.Module:
     policy = cast(Transformer, model)
     source_vocab = policy.config.require_vocab()
-    _grow_vocabulary(ctx, policy)
+    grow_vocabulary(ctx, policy)
     dpo = cast(DPOConfig, ctx.config.sections["dpo"])
     lora = _lora(ctx)
     if dpo.uses_reference:
@@ -461,7 +450,7 @@ def _dpo_objective(ctx: StageContext) -> Objective:
 
 def _prepare_rm_model(ctx: StageContext, model: nn.Module) -> nn.Module:
     backbone = cast(Transformer, model)
-    _grow_vocabulary(ctx, backbone)
+    grow_vocabulary(ctx, backbone)
     apply_lora(backbone, _lora(ctx), seed=ctx.config.run.seed)
     reward = RewardModel(backbone).to(next(backbone.parameters()).device)
     generator_state = torch.get_rng_state()

@@ -26,12 +26,9 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 from data_pipeline.chat import (
-    CHAT_TEMPLATE_FILE,
     ChatTemplate,
     MaskError,
     checkpoint_template,
-    load_chat_template,
-    resize_token_embeddings,
 )
 from data_pipeline.config import ChatConfig, SFTConfig
 from data_pipeline.conversations import (
@@ -44,12 +41,11 @@ from data_pipeline.conversations import (
 from data_pipeline.errors import DataError
 from model.lora import LoRAConfig, apply_lora, trainable_parameter_count
 from model.transformer import Transformer
+from trainer.chat_setup import grow_vocabulary, prepare_chat
 from trainer.config_io import ConfigError
-from trainer.distributed import barrier
 from trainer.hooks import Hook
 from trainer.monitors import MONITOR_SECTION, MonitorConfig
 from trainer.objectives.causal_lm import CausalLMObjective
-from trainer.setup import init_from_folder
 from trainer.stages import Stage, StageContext, register_stage
 
 if TYPE_CHECKING:
@@ -109,15 +105,7 @@ def _prepare(ctx: StageContext) -> None:
     """Chat template and tokens; save both for the checkpoints; read the conversations."""
     sft, chat, _ = _sections(ctx)
     config = ctx.config
-    folder = init_from_folder(config.model.init_from) if config.model.init_from else None
-    template, tokenizer, added = load_chat_template(chat, ctx.tokenizer, folder)
-    ctx.tokenizer = tokenizer
-    target = ctx.run_dir / "tokenizer"
-    if ctx.env.is_main:  # the checkpoint manager copies these into every checkpoint
-        if added:
-            tokenizer.save(target)
-        (target / CHAT_TEMPLATE_FILE).write_text(template.source, encoding="utf-8")
-    barrier()
+    template = prepare_chat(ctx, chat)
     ctx.extras["chat_template"] = template
     data = config.data
     ctx.extras["sft_train"] = build_sft_dataset(
@@ -137,14 +125,7 @@ def _prepare_model(ctx: StageContext, model: nn.Module) -> nn.Module:
     """Rows for added chat tokens, then LoRA adapters (rank 0 of `lora`: full fine-tuning)."""
     _, _, lora = _sections(ctx)
     transformer = cast(Transformer, model)
-    grown = resize_token_embeddings(transformer, ctx.tokenizer.vocab_size)
-    if grown:
-        logger.info(
-            "embeddings: %d rows added for the chat tokens (ids %d..%d), initialised at the mean",
-            len(grown),
-            grown[0],
-            grown[-1],
-        )
+    grow_vocabulary(ctx, transformer)
     if lora.enabled:
         apply_lora(transformer, lora, seed=ctx.config.run.seed)
         total = sum(p.numel() for p in transformer.parameters())
