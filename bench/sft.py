@@ -1,11 +1,14 @@
 """SFT throughput and memory: full fine-tuning against LoRA, same model, data and steps.
 
-Each round runs `scaletrain sft`'s Trainer twice in this process, full (lora.rank 0) then LoRA,
-from the same checkpoint on the same conversations (configs/sft-tiny.yaml: packed
-builtin:stdlib-instruct, chatml), so machine noise hits both alike; the ratio is the figure to
-read. Reported per mode: median tokens/s over the steps after the first (from metrics.jsonl),
-trainable parameters, the optimizer-state bytes actually held (every tensor in the optimizer's
-state after training), and on CUDA the peak allocated memory of the run.
+Each round runs `scaletrain sft`'s Trainer twice, full (lora.rank 0) then LoRA, from the same
+checkpoint on the same conversations (configs/sft-tiny.yaml: packed builtin:stdlib-instruct,
+chatml), so machine noise hits both alike; the ratio is the figure to read. Each run is a fresh
+child process (`--child`), so its peak memory is its own. Reported per mode: median tokens/s
+over the steps after the first (from metrics.jsonl), trainable parameters, the optimizer-state
+bytes actually held (every tensor in the optimizer's state after training), the peak resident
+memory of the run (`peak_rss_growth_bytes`: the process's high-water mark VmHWM at the end,
+less its resident memory just before the Trainer is built, with the imports done; the mark is
+reset there through /proc/self/clear_refs) and on CUDA the peak allocated memory of the run.
 
 Run:  python -m bench.sft --init-from runs/tiny [--steps 8 --rounds 2 --rank 16]
 Prints one JSON line per run and a summary line with the LoRA / full ratios.
@@ -16,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,8 +33,30 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def memory_status_bytes(field: str) -> int | None:
+    """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current resident size (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def run_once(base: dict[str, Any], run_dir: Path, rank: int, steps: int) -> dict[str, Any]:
-    """One sft run of `steps` steps; its measured figures."""
+    """One sft run of `steps` steps; its measured figures (peak memory: this process's growth
+    from just before the Trainer is built, so run it in a fresh process)."""
     from launch.environment import detect_environment
     from trainer.config import job_config_from_dict
     from trainer.stages import get_stage
@@ -43,6 +71,8 @@ def run_once(base: dict[str, Any], run_dir: Path, rank: int, steps: int) -> dict
     raw["lora"] = {"rank": rank, "alpha": 2.0 * rank} if rank else {"rank": 0}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    peak_reset = reset_peak_rss()
+    rss_before = memory_status_bytes("VmRSS")
     trainer = Trainer(job_config_from_dict(raw, stage="sft"), detect_environment(), "sft")
     trainer.setup()
     trainer.fit()
@@ -62,10 +92,39 @@ def run_once(base: dict[str, Any], run_dir: Path, rank: int, steps: int) -> dict
         "trainable_params": trainable,
         "optimizer_state_bytes": optimizer_bytes,
         "final_loss": lines[-1]["loss"],
+        "rss_before_bytes": rss_before,
+        "peak_rss_bytes": memory_status_bytes("VmHWM"),
+        "peak_rss_growth_bytes": peak_growth(rss_before, peak_reset),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
     del trainer
     return result
+
+
+def peak_growth(rss_before: int | None, peak_reset: bool) -> int | None:
+    """VmHWM now less the resident size at the reset (None where the mark could not be reset)."""
+    peak = memory_status_bytes("VmHWM")
+    if not peak_reset or peak is None or rss_before is None:
+        return None
+    return peak - rss_before
+
+
+def run_in_child(config: str, init_from: str, run_dir: Path, rank: int, steps: int) -> dict:  # type: ignore[type-arg]
+    """`run_once` in a fresh Python process (its own peak memory); its result."""
+    command = [sys.executable, "-m", "bench.sft", "--init-from", init_from, "--config", config]
+    command += ["--child", str(run_dir), "--rank", str(rank), "--steps", str(steps)]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.sft child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_or_none(results: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def main() -> None:
@@ -77,16 +136,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one run into this dir: JSON out
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = yaml.safe_load(Path(args.config).read_text())
     base["model"] = {"init_from": args.init_from}
+    if args.child:
+        print(json.dumps(run_once(base, Path(args.child), args.rank, args.steps)))
+        return
     results: dict[str, list[dict[str, Any]]] = {"full": [], "lora": []}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             for mode, rank in (("full", 0), ("lora", args.rank)):
                 run_dir = Path(scratch) / f"{mode}-{round_index}"
-                result = run_once(base, run_dir, rank, args.steps)
+                result = run_in_child(args.config, args.init_from, run_dir, rank, args.steps)
                 print(json.dumps(result), flush=True)
                 results[mode].append(result)
     full_speed = statistics.median(r["tokens_per_s"] for r in results["full"])
@@ -97,6 +160,8 @@ def main() -> None:
         "lora_over_full_speed": lora_speed / full_speed,
         "lora_over_full_optimizer_bytes": results["lora"][0]["optimizer_state_bytes"]
         / results["full"][0]["optimizer_state_bytes"],
+        "full_peak_rss_growth_bytes": median_or_none(results["full"], "peak_rss_growth_bytes"),
+        "lora_peak_rss_growth_bytes": median_or_none(results["lora"], "peak_rss_growth_bytes"),
     }
     print(json.dumps(summary))
 
