@@ -5,10 +5,13 @@ checkpoint on the same conversations (configs/sft-tiny.yaml: packed builtin:stdl
 chatml), so machine noise hits both alike; the ratio is the figure to read. Each run is a fresh
 child process (`--child`), so its peak memory is its own. Reported per mode: median tokens/s
 over the steps after the first (from metrics.jsonl), trainable parameters, the optimizer-state
-bytes actually held (every tensor in the optimizer's state after training), the peak resident
-memory of the run (`peak_rss_growth_bytes`: the process's high-water mark VmHWM at the end,
-less its resident memory just before the Trainer is built, with the imports done; the mark is
-reset there through /proc/self/clear_refs) and on CUDA the peak allocated memory of the run.
+bytes actually held (every tensor in the optimizer's state after training), resident memory
+(Linux /proc/self/status; the high-water mark VmHWM is reset through /proc/self/clear_refs
+before each phase): `setup_rss_growth_bytes`, what `Trainer.setup` leaves resident (model,
+engine, tokenized data, lazily imported modules), and `train_peak_rss_growth_bytes`, the
+high-water mark of `fit` less the resident size after setup (gradients, optimizer state,
+activations and logits of the steps, the final save) -- the figure that differs between
+modes; `peak_rss_bytes` is the whole process's peak. On CUDA, the peak allocated memory.
 
 Run:  python -m bench.sft --init-from runs/tiny [--steps 8 --rounds 2 --rank 16]
 Prints one JSON line per run and a summary line with the LoRA / full ratios.
@@ -55,8 +58,8 @@ def reset_peak_rss() -> bool:
 
 
 def run_once(base: dict[str, Any], run_dir: Path, rank: int, steps: int) -> dict[str, Any]:
-    """One sft run of `steps` steps; its measured figures (peak memory: this process's growth
-    from just before the Trainer is built, so run it in a fresh process)."""
+    """One sft run of `steps` steps; its measured figures (resident memory: this process's, so
+    run it in a fresh process)."""
     from launch.environment import detect_environment
     from trainer.config import job_config_from_dict
     from trainer.stages import get_stage
@@ -71,11 +74,15 @@ def run_once(base: dict[str, Any], run_dir: Path, rank: int, steps: int) -> dict
     raw["lora"] = {"rank": rank, "alpha": 2.0 * rank} if rank else {"rank": 0}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    peak_reset = reset_peak_rss()
-    rss_before = memory_status_bytes("VmRSS")
+    reset_peak_rss()
+    rss_start = memory_status_bytes("VmRSS")
     trainer = Trainer(job_config_from_dict(raw, stage="sft"), detect_environment(), "sft")
     trainer.setup()
+    setup_peak = memory_status_bytes("VmHWM")
+    rss_after_setup = memory_status_bytes("VmRSS")
+    peak_reset = reset_peak_rss()
     trainer.fit()
+    train_peak = memory_status_bytes("VmHWM")
     optimizer_bytes = sum(
         value.numel() * value.element_size()
         for state in trainer.optimizer.state.values()
@@ -92,21 +99,19 @@ def run_once(base: dict[str, Any], run_dir: Path, rank: int, steps: int) -> dict
         "trainable_params": trainable,
         "optimizer_state_bytes": optimizer_bytes,
         "final_loss": lines[-1]["loss"],
-        "rss_before_bytes": rss_before,
-        "peak_rss_bytes": memory_status_bytes("VmHWM"),
-        "peak_rss_growth_bytes": peak_growth(rss_before, peak_reset),
+        "setup_rss_growth_bytes": difference(rss_after_setup, rss_start),
+        "train_peak_rss_growth_bytes": difference(train_peak, rss_after_setup)
+        if peak_reset
+        else None,
+        "peak_rss_bytes": max(setup_peak or 0, train_peak or 0) or None,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
     del trainer
     return result
 
 
-def peak_growth(rss_before: int | None, peak_reset: bool) -> int | None:
-    """VmHWM now less the resident size at the reset (None where the mark could not be reset)."""
-    peak = memory_status_bytes("VmHWM")
-    if not peak_reset or peak is None or rss_before is None:
-        return None
-    return peak - rss_before
+def difference(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
 
 
 def run_in_child(config: str, init_from: str, run_dir: Path, rank: int, steps: int) -> dict:  # type: ignore[type-arg]
@@ -160,8 +165,12 @@ def main() -> None:
         "lora_over_full_speed": lora_speed / full_speed,
         "lora_over_full_optimizer_bytes": results["lora"][0]["optimizer_state_bytes"]
         / results["full"][0]["optimizer_state_bytes"],
-        "full_peak_rss_growth_bytes": median_or_none(results["full"], "peak_rss_growth_bytes"),
-        "lora_peak_rss_growth_bytes": median_or_none(results["lora"], "peak_rss_growth_bytes"),
+        "full_train_peak_rss_growth_bytes": median_or_none(
+            results["full"], "train_peak_rss_growth_bytes"
+        ),
+        "lora_train_peak_rss_growth_bytes": median_or_none(
+            results["lora"], "train_peak_rss_growth_bytes"
+        ),
     }
     print(json.dumps(summary))
 

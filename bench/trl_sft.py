@@ -41,10 +41,11 @@ moment its side gets the baton to the moment it hands it back: its whole loop (d
 backward, clip, optimizer, logging). Tokens are real (non-padding) tokens, counted for both
 from the conversations of the step (ours: `StepResult.tokens`; TRL's own non-padding count,
 `include_num_input_tokens_seen="non_padding"`, is checked equal). Reported: the median
-tokens/s of each over the steps after the first `--warmup`, the ratio ours/TRL, the first step
-losses of both and their difference.
+tokens/s of each over the steps after the first `--warmup`, their ratio ours/TRL and the median
+of the per-step ratios (step k of each ran back to back), the first step losses of both and
+their difference (padded: every step's, as both see the same conversations).
 
-Run:  /tmp/trlvenv/bin/python -m bench.trl_sft --init-from runs/tiny [--steps 12 --rows 16
+Run:  /tmp/trlvenv/bin/python -m bench.trl_sft --init-from runs/tiny [--steps 40 --rows 16
       --micro 8 --seq-len 256 --packed]
 TRL is a bench-only install (not a dependency of scaletrain): `pip install trl`.
 """
@@ -381,12 +382,9 @@ def run_phase(
     if baton.failed is not None:
         raise RuntimeError("the TRL side failed") from baton.failed
     skip = args.warmup
-    ours_speed = statistics.median(
-        t / s for t, s in zip(ours_tokens[skip:], ours_clock.step_s[skip:], strict=True)
-    )
-    trl_speed = statistics.median(
-        t / s for t, s in zip(trl_tokens[skip:], trl_clock.step_s[skip:], strict=True)
-    )
+    ours_speeds = [t / s for t, s in zip(ours_tokens, ours_clock.step_s, strict=True)][skip:]
+    trl_speeds = [t / s for t, s in zip(trl_tokens, trl_clock.step_s, strict=True)][skip:]
+    ours_speed, trl_speed = statistics.median(ours_speeds), statistics.median(trl_speeds)
     return {
         "phase": name,
         "steps": args.steps,
@@ -396,6 +394,11 @@ def run_phase(
         "ours_tokens_per_s": ours_speed,
         "trl_tokens_per_s": trl_speed,
         "ours_over_trl": ours_speed / trl_speed,
+        # Step k of ours and of TRL run back to back: the median of their ratios is the least
+        # sensitive to load that changes over the run.
+        "ours_over_trl_per_step_median": statistics.median(
+            o / t for o, t in zip(ours_speeds, trl_speeds, strict=True)
+        ),
         "ours_tokens": sum(ours_tokens),
         "trl_tokens": sum(trl_tokens),
         "ours_step_s": ours_clock.step_s,
@@ -422,8 +425,8 @@ def main(argv: list[str] | None = None, phases: Callable[..., Any] = run_phase) 
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--init-from", required=True, help="our checkpoint or run dir")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per side")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per side")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of tokens/s")
     parser.add_argument("--rows", type=int, default=16, help="rows (sequences) per step")
     parser.add_argument("--micro", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--seq-len", type=int, default=256)
