@@ -440,7 +440,12 @@ def main(argv: list[str] | None = None, phases: Callable[..., Any] = run_phase) 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as name:
         scratch = Path(name)
-        folder = shared_folder(args.init_from, scratch / "hf")
+        from trainer.checkpointing.checkpoint import CheckpointError
+
+        try:
+            folder = shared_folder(args.init_from, scratch / "hf")
+        except CheckpointError as exc:
+            sys.exit(f"bench.trl_sft: {exc}")
         data = scratch / "conversations.jsonl"
         kept = write_conversations(folder, args.seq_len, data)
         print(json.dumps({"conversations": kept, "torch_threads": torch.get_num_threads()}))

@@ -71,3 +71,23 @@ def test_our_side_steps_alternate_with_the_other(tmp_path: Path) -> None:
     ]
     assert tokens == expected  # real tokens, padding left out
     assert all(4.0 < loss < 20.0 for loss in losses)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_bench_sft_peak_rss_sees_a_freed_allocation() -> None:
+    """bench/sft.py's peak measure: a 64 MiB tensor, freed again, still shows in the
+    high-water mark since the reset, and a second reset forgets it."""
+    import torch
+
+    from bench.sft import memory_status_bytes, reset_peak_rss
+
+    assert reset_peak_rss()
+    before = memory_status_bytes("VmRSS")
+    block = torch.ones(16 * 1024 * 1024)  # 64 MiB, touched
+    del block
+    peak = memory_status_bytes("VmHWM")
+    assert before is not None and peak is not None
+    assert peak - before >= 60 * 1024 * 1024
+    assert reset_peak_rss()
+    after = memory_status_bytes("VmHWM")
+    assert after is not None and after - before < 32 * 1024 * 1024
