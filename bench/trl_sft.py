@@ -38,9 +38,10 @@ Interleaving: each side runs its own loop (ours `Trainer.fit` on the main thread
 optimizer step (our hook's `after_step`, a TRL callback's `on_step_end`), so only one computes
 at a time and the steps alternate: machine noise hits both alike. A step's time is from the
 moment its side gets the baton to the moment it hands it back: its whole loop (data, forward,
-backward, clip, optimizer, logging). Tokens are real (non-padding) tokens, counted for both
-from the conversations of the step (ours: `StepResult.tokens`; TRL's own non-padding count,
-`include_num_input_tokens_seen="non_padding"`, is checked equal). Reported: the median
+backward, clip, optimizer, logging). Tokens are real (non-padding) tokens of the step, each
+side's own count (ours: `StepResult.tokens`, the batches' non-padding positions; TRL: the
+attention-mask sum, `include_num_input_tokens_seen="non_padding"`); both totals are printed
+and are equal when padded (the same conversations). Reported: the median
 tokens/s of each over the steps after the first `--warmup`, their ratio ours/TRL and the median
 of the per-step ratios (step k of each ran back to back), the first step losses of both and
 their difference (padded: every step's, as both see the same conversations).
