@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from launch.cpu_allocator import keep_large_allocations
 from model import ModelConfig, build_model
 from model.attention_paths import AttentionSpec, attend
 from model.presets import PRESETS
@@ -118,7 +119,14 @@ def main() -> None:
     )
     parser.add_argument("--train-step", action="store_true", help="also time tiny train steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds (scaletrain train raises them on CPU)",
+    )
     args = parser.parse_args()
+    if not args.malloc_defaults and not torch.cuda.is_available():
+        keep_large_allocations()  # as `scaletrain train` does on CPU (launch/cpu_allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from launch.cpu_allocator import keep_large_allocations
 from model import ModelConfig, build_model
 from model.hf.weights import save_model_as_hf
 from trainer.optim import adamw_implementation
@@ -57,7 +58,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, help="print the top N ops of one step of each model"
     )
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds (scaletrain train raises them on CPU)",
+    )
     args = parser.parse_args()
+    if not args.malloc_defaults and not torch.cuda.is_available():
+        keep_large_allocations()  # as `scaletrain train` does on CPU (launch/cpu_allocator.py)
 
     from transformers import AutoModelForCausalLM
 

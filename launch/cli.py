@@ -160,6 +160,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_plan(args.config, args.set, args.world_size, stage))
         return 0
+    import torch
+
+    from launch.cpu_allocator import keep_large_allocations
     from launch.environment import detect_environment
     from launch.preflight import load_config
     from trainer.distributed import destroy
@@ -170,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, stage)
     env = detect_environment()
     _setup_logging(env.is_main)
+    if not torch.cuda.is_available():
+        keep_large_allocations()  # large step tensors reused, not page-faulted in every step
     hooks = fault_injection_hooks(args.fail_at_step, args.stall_at_step, args.inject)
     hooks += fine_tuning_monitors(config)  # forgetting / diversity when a `monitor` section exists
     if stage == "sft":  # the end-of-run chat turn (sft.sample_chat)
