@@ -18,6 +18,8 @@ leaves at most a `.tmp-*` folder, which resume ignores and the next start remove
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,14 +36,21 @@ def fsync_files(paths: list[Path]) -> None:
 
 
 def mark_rank_done(tmp_folder: Path, rank: int, error: str | None = None) -> None:
-    """Tell rank 0's writer this rank's files are on disk (or that writing them failed)."""
+    """Tell rank 0's writer this rank's files are on disk (or that writing them failed).
+
+    The marker appears whole (written and flushed under a hidden name, then renamed). Rank 0
+    may see it and remove the markers' folder at once, before this rank flushes the folder's
+    entry: a folder already gone means the marker was read, so that flush is skipped.
+    """
     markers = tmp_folder / RANKS_DIR
     markers.mkdir(exist_ok=True)
-    name = f"rank_{rank:05d}"
-    if error is None:
-        ckpt.write_durably(markers / f"{name}.ok", "ok\n")
-    else:
-        ckpt.write_durably(markers / f"{name}.failed", error + "\n")
+    name = f"rank_{rank:05d}" + (".ok" if error is None else ".failed")
+    hidden = markers / f".{name}.tmp"
+    hidden.write_text("ok\n" if error is None else error + "\n")
+    ckpt.fsync_path(hidden)
+    os.replace(hidden, markers / name)
+    with contextlib.suppress(FileNotFoundError):  # rank 0 took the markers, removed the folder
+        ckpt.fsync_path(markers)
 
 
 def wait_for_ranks(tmp_folder: Path, world_size: int, timeout_s: float) -> None:
