@@ -191,6 +191,19 @@ def test_forgetting_lines_equal_the_loops_eval_on_the_same_data(monitored_run: P
     assert retain[8]["forgetting"] < -0.05  # training on this data lowers its loss
 
 
+def test_monitor_lines_reach_tensorboard(monitored_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = lines(monitored_run / "metrics.jsonl")
+    events = EventAccumulator(str(monitored_run / "tensorboard"))
+    events.Reload()
+    for split, key in (("retain", "forgetting"), ("retain", "eval_loss"), ("samples", "self_bleu")):
+        expected = [(r["step"], r[key]) for r in records if r.get("split") == split]
+        logged = [(e.step, e.value) for e in events.Scalars(f"eval/{split}/{key}")]
+        assert [s for s, _ in logged] == [s for s, _ in expected] == [0, 4, 8], key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), key
+
+
 def test_diversity_lines_and_samples_regenerate_from_the_checkpoint(monitored_run: Path) -> None:
     from model.generation import generate
     from trainer.inference import load_checkpoint_model

@@ -273,8 +273,9 @@ class ForgettingMonitor(_EvalScheduledHook):
     def measure(self, trainer: Trainer) -> None:
         losses = self.retain_losses(trainer)
         records, warnings = self.records(trainer.step, losses)
+        for record in records:
+            trainer.log_metrics([record], prefix=f"eval/{record['split']}")
         if trainer.env.is_main:
-            append_jsonl(trainer.run_dir / "metrics.jsonl", records)
             for warning in warnings:
                 logger.warning(warning)
 
@@ -488,8 +489,8 @@ class DiversityMonitor(_EvalScheduledHook):
     def measure(self, trainer: Trainer) -> None:
         groups = self.draw(trainer)
         record, warnings = self.records(trainer.step, groups)
+        trainer.log_metrics([record], prefix=f"eval/{SAMPLES_SPLIT}")
         if trainer.env.is_main:
-            append_jsonl(trainer.run_dir / "metrics.jsonl", [record])
             append_jsonl(
                 trainer.run_dir / SAMPLES_FILE,
                 [

@@ -105,6 +105,7 @@ class Trainer:
         self.hooks: list[Hook] = [self.preemption, self.rollback, EndOfRunSample(), *(hooks or [])]
         self._eval_sets: dict[str, list[Batch]] | None = None
         self._summary_step = -1  # the step of the last skipped-records line
+        self.metrics: MetricsLogger | None = None  # rank 0's sinks, open while fit runs
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -290,8 +291,24 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> None:
         """Train until train.max_steps, evaluating, checkpointing and calling hooks on schedule."""
+        metrics = MetricsLogger(self.run_dir, resume_step=self.step) if self.env.is_main else None
+        self.metrics = metrics
+        try:
+            self._fit(metrics)
+        finally:
+            self.metrics = None
+            if metrics is not None:
+                metrics.close()
+
+    def log_metrics(self, records: list[dict[str, Any]], prefix: str) -> None:
+        """Lines from outside the loop's own (the monitors'): metrics.jsonl and TensorBoard
+        under `prefix/`, on rank 0, while `fit` runs."""
+        if self.metrics is not None:
+            for record in records:
+                self.metrics.log(record, prefix=prefix)
+
+    def _fit(self, metrics: MetricsLogger | None) -> None:
         config, env = self.config, self.env
-        metrics = MetricsLogger(self.run_dir, resume_step=self.step) if env.is_main else None
         progress = tqdm(
             total=config.train.max_steps,
             initial=self.step,
@@ -355,10 +372,8 @@ class Trainer:
             self.preemption.restore()
             self.loader.close()
             progress.close()
-            if metrics is not None:
-                metrics.close()
         for hook in self.hooks:
-            hook.on_train_end(self)
+            hook.on_train_end(self)  # the metrics sinks still open: monitors log here
 
     def _on_schedule(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
