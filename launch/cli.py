@@ -126,6 +126,17 @@ def describe_plan(
             f"(full fine-tuning: {adam_state_bytes(counts.total, fp32_master) / 2**30:.3f} GiB; "
             "all ranks together, ZeRO >= 1 shards it)"
         )
+        if lora.enabled:
+            from model import build_model
+            from model.lora import apply_lora, trained_flops_per_token
+
+            adapted = apply_lora(build_model(config.model, "meta"), lora)
+            lora_fpt = trained_flops_per_token(adapted, config.model, config.data.seq_len)
+            lines.append(
+                f"flops_per_token with lora: {lora_fpt:.4g}  (4N + 6 x adapter parameters + "
+                f"12*L*H*Q*T: the frozen base gets no weight gradients; {lora_fpt / fpt:.3f}x "
+                "full fine-tuning)"
+            )
     ds = build_deepspeed_config(config, micro, accumulation_steps, world_size, precision)
     lines += ["", f"# deepspeed config (world size {world_size})", json.dumps(ds, indent=2)]
     return "\n".join(lines)

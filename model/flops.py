@@ -49,22 +49,40 @@ def param_counts(config: ModelConfig) -> ParamCounts:
     return ParamCounts(total=total, embedding=embedding, output_head=output_head, active=active)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+def matmul_params(config: ModelConfig, output_head: bool = True) -> int:
+    """Parameters a token passes through in matrix multiplies: every active parameter but the
+    input embedding lookup, plus the output head (the embedding matrix when tied) unless
+    `output_head` is False (a reward model's backbone, whose head is a single score row)."""
+    counts = param_counts(config)
+    head = config.require_vocab() * config.dim if output_head else 0
+    return counts.active - counts.embedding - counts.output_head + head
+
+
+def flops_per_token(
+    config: ModelConfig,
+    seq_len: int,
+    *,
+    adapter_params: int | None = None,
+    output_head: bool = True,
+) -> float:
     """Training FLOPs per token, forward + backward, by the PaLM formula 6N + 12*L*H*Q*T.
 
     With a sliding window a query attends to at most `sliding_window` keys (plus the document's
     global tokens), so T becomes min(seq_len, sliding_window + global_tokens) in the attention
     term of each windowed layer (`sliding_window_layers`); full layers keep seq_len.
-    N counts the parameters that take part in matrix multiplies: every active parameter but the
-    input embedding lookup, plus the output head (which is the embedding matrix when tied).
+    N counts the parameters that take part in matrix multiplies (`matmul_params`).
+
+    `adapter_params`: the base is frozen and only these adapter parameters (those a token
+    passes through: model.lora.adapter_params_per_token) train, as in LoRA. The backward then
+    computes gradients for the activations but none for the base weights: 4N for the base (its
+    forward and the input gradients), plus 6 per adapter parameter, plus the attention term.
     """
-    counts = param_counts(config)
-    matmul_params = (
-        counts.active - counts.embedding - counts.output_head + config.require_vocab() * config.dim
-    )
+    n_matmul = matmul_params(config, output_head)
     context = 0
     for layer in range(config.n_layers):
         window = config.layer_window(layer)
         context += seq_len if window is None else min(seq_len, window + config.global_tokens)
     attention = 12 * config.n_heads * config.head_dim * context
-    return float(6 * matmul_params + attention)
+    if adapter_params is None:
+        return float(6 * n_matmul + attention)
+    return float(4 * n_matmul + 6 * adapter_params + attention)

@@ -31,6 +31,7 @@ from torch import nn
 from model.block import TransformerBlock
 from model.config import ModelConfig
 from model.feed_forward import FeedForward
+from model.flops import flops_per_token
 from model.moe.experts import GroupedExperts, use_grouped_mm
 from model.transformer import Transformer, build_model
 
@@ -408,6 +409,42 @@ def lora_parameter_counts(model_config: ModelConfig, config: LoRAConfig) -> tupl
     apply_lora(model, config)
     total = sum(p.numel() for p in model.parameters())
     return total, trainable_parameter_count(model)
+
+
+def _numel(param: torch.Tensor) -> int:
+    """A parameter's whole size, also when ZeRO-3 holds only a partition of it."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def adapter_params_per_token(model: nn.Module, config: ModelConfig) -> int | None:
+    """The adapter parameters one token passes through: every q/k/v/o, gate/up/down and head
+    pair, and of an MoE layer's expert pairs the `top_k` of `n_experts` it is routed to; None
+    when `model` has no adapters (every weight trains)."""
+    modules = [module for _, _, module in _lora_modules(model)]
+    if not modules:
+        return None
+    total = 0
+    for module in modules:
+        if isinstance(module, LoRAGroupedExperts):
+            for projection in module.PROJECTIONS:
+                pair = sum(_numel(t) for t in module.pair(projection))
+                total += pair // config.n_experts * config.top_k
+        else:
+            total += _numel(module.lora_A) + _numel(module.lora_B)
+    return total
+
+
+def trained_flops_per_token(
+    model: nn.Module, config: ModelConfig, seq_len: int, output_head: bool = True
+) -> float:
+    """Training FLOPs per token of `model` as it is set up: 6N + attention, or with LoRA
+    adapters the frozen base's 4N + 6 per adapter parameter + attention (model.flops)."""
+    return flops_per_token(
+        config,
+        seq_len,
+        adapter_params=adapter_params_per_token(model, config),
+        output_head=output_head,
+    )
 
 
 def adam_state_bytes(n_trainable: int, fp32_master: bool = True) -> int:

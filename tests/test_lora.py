@@ -20,11 +20,13 @@ from model.lora import (
     LoRAConfig,
     LoRAConfigError,
     adam_state_bytes,
+    adapter_params_per_token,
     apply_lora,
     lora_parameter_counts,
     merge_lora,
     merged_state_dict,
     trainable_parameter_count,
+    trained_flops_per_token,
 )
 from model.presets import preset_config
 from model.transformer import build_model
@@ -222,6 +224,44 @@ def test_parameter_counts_match_the_closed_form() -> None:
     per_layer = rank * ((2048 + 2048) + (2048 + kv) * 2 + (2048 + 2048))
     assert trainable == config.n_layers * per_layer
     assert total == full_total + trainable and full_trainable == full_total
+
+
+def test_training_flops_count_a_frozen_base_and_the_routed_expert_adapters() -> None:
+    """MFU's FLOPs: full training 6N + attention; with LoRA the base gets no weight gradients
+    (4N) and each adapter parameter a token passes through costs 6: every attention/MLP/head
+    pair, and of an MoE layer's expert pairs the top_k of n_experts the token is routed to."""
+    from data_pipeline.batch import causal_lm_batch
+    from model.flops import flops_per_token, matmul_params
+    from trainer.objectives.causal_lm import CausalLMObjective
+
+    seq = 32
+    model = build_model(DENSE, seed=0)
+    assert adapter_params_per_token(model, DENSE) is None
+    assert trained_flops_per_token(model, DENSE, seq) == flops_per_token(DENSE, seq)
+    attention = flops_per_token(DENSE, seq) - 6 * matmul_params(DENSE)
+
+    rank, dim, kv = 4, 64, 2 * 16
+    apply_lora(model, LoRAConfig(rank=rank, alpha=8.0, targets=["q_proj", "v_proj"]))
+    adapters = DENSE.n_layers * rank * ((dim + dim) + (dim + kv))  # q, v: r * (in + out)
+    assert adapter_params_per_token(model, DENSE) == adapters
+    lora_flops = 4 * matmul_params(DENSE) + 6 * adapters + attention
+    assert trained_flops_per_token(model, DENSE, seq) == lora_flops
+
+    # The objective prices its tokens with it (the old 6N would be 1.5x the base's share).
+    batch = causal_lm_batch(tokens(seq=seq + 1))
+    output = CausalLMObjective(seq).train_step(model, batch, batch.num_target_tokens)
+    assert output.flops == lora_flops * batch.num_tokens
+
+    moe = build_model(MOE, seed=0)
+    apply_lora(moe, ALL)
+    expert_pairs = 3 * MOE.n_experts * ALL.rank * (dim + MOE.expert_dim)  # gate, up, down
+    unrouted = expert_pairs - expert_pairs * MOE.top_k // MOE.n_experts
+    assert adapter_params_per_token(moe, MOE) == trainable_parameter_count(moe) - unrouted
+
+    # A reward model's backbone has no vocabulary head: 6 x (vocab x dim) fewer per token.
+    head = 6 * VOCAB * dim
+    no_head = flops_per_token(DENSE, seq, output_head=False)
+    assert flops_per_token(DENSE, seq) - no_head == head
 
 
 # ---------------------------------------------------------------------------- peft

@@ -92,3 +92,39 @@ def test_two_micro_batches_give_the_gradient_of_one(data: Any, stage: str) -> No
     for part in (pairs[:1], pairs[1:]):
         objective.train_step(model, collate_pairs(part, pad_id), len(part)).loss.backward()
     assert any((g - w).abs().max() > 1e-4 for g, w in zip(grads(model), expected, strict=True))
+
+
+def test_flops_price_the_reference_forward_and_drop_the_reward_models_vocab_head(
+    data: Any,
+) -> None:
+    """DPO: the policy's training FLOPs per token, plus a forward (a third of 6N + attention)
+    with a live reference, none from a cache; with LoRA the policy's part is the frozen base's
+    4N + 6 per adapter parameter. A reward model: the backbone without its vocabulary head."""
+    from model.flops import flops_per_token
+    from model.lora import LoRAConfig, apply_lora, trained_flops_per_token
+
+    config, pairs, pad_id = data
+    seq = 64
+    batch = collate_pairs(pairs, pad_id)
+    full, forward = flops_per_token(config, seq), flops_per_token(config, seq) / 3
+    policy = build_model(config, seed=1)
+    live = DPOObjective(DPOConfig(), build_model(config, seed=1), seq_len=seq)
+    assert live.train_step(policy, batch, 4).flops == pytest.approx(
+        (full + forward) * batch.num_tokens, rel=1e-12
+    )
+    cached = rc.compute_reference_logps(build_model(config, seed=1), [batch], len(pairs))
+    from_cache = DPOObjective(DPOConfig(), seq_len=seq)
+    out = from_cache.train_step(policy, rc.attach_reference_logps(batch, *cached), 4)
+    assert out.flops == pytest.approx(full * batch.num_tokens, rel=1e-12)
+    apply_lora(policy, LoRAConfig(rank=4, alpha=8.0))
+    lora = trained_flops_per_token(policy, config, seq)
+    assert lora < full
+    assert live.train_step(policy, batch, 4).flops == pytest.approx(
+        (lora + forward) * batch.num_tokens, rel=1e-12
+    )
+
+    reward = RewardModel(build_model(config, seed=3))
+    reward.init_score()
+    out = RewardObjective(RMConfig(), seq_len=seq).train_step(reward, batch, 4)
+    head = 6 * config.require_vocab() * config.dim
+    assert out.flops == pytest.approx((full - head) * batch.num_tokens, rel=1e-12)

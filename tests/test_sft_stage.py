@@ -426,6 +426,16 @@ def test_lora_1b_config_dry_run_shows_the_adapters_memory(
     assert f"{trainable:,} of" in line, line
     assert f"AdamW state {trainable * 12 / 2**30:.3f} GiB" in line, line
     assert f"total {1_235_814_400:,}" in out  # the 1B model itself (tied embeddings)
+    # FLOPs: the frozen base 4N (forward + activation gradients, no weight gradients; tied, so
+    # N is every parameter, the embedding matrix as the head) + 6 per adapter parameter +
+    # attention 12*L*H*Q*T, against full fine-tuning's 6N + attention.
+    seq_len = yaml.safe_load((ROOT / "configs" / "sft-lora-1b.yaml").read_text())["data"]["seq_len"]
+    attention = 12 * layers * 32 * 64 * seq_len
+    lora_line = next(line for line in out.splitlines() if line.startswith("flops_per_token with"))
+    printed = float(lora_line.split()[3])
+    assert printed == pytest.approx(4 * 1_235_814_400 + 6 * trainable + attention, rel=1e-3)
+    full = 6 * 1_235_814_400 + attention
+    assert f"{printed / full:.2f}" in lora_line, lora_line
 
 
 def test_sft_configs_load_with_their_sections() -> None:

@@ -55,7 +55,6 @@ from data_pipeline.preference import (
 )
 from data_pipeline.sources import SkipCounter
 from model import build_model
-from model.flops import flops_per_token
 from model.lora import LoRAConfig, apply_lora
 from model.reward import RewardModel
 from model.transformer import Transformer
@@ -442,7 +441,7 @@ def _dpo_objective(ctx: StageContext) -> Objective:
     return DPOObjective(
         cast(DPOConfig, config.sections["dpo"]),
         reference=ctx.extras.get(REFERENCE),
-        flops_per_token=flops_per_token(config.model, config.data.seq_len),
+        seq_len=config.data.seq_len,
         reference_sha256=ctx.extras.get(REFERENCE_SHA),
         adapters_off_reference=bool(ctx.extras.get(ADAPTERS_OFF)),
     )
@@ -464,10 +463,7 @@ def _prepare_rm_model(ctx: StageContext, model: nn.Module) -> nn.Module:
 
 def _rm_objective(ctx: StageContext) -> Objective:
     config = ctx.config
-    return RewardObjective(
-        cast(RMConfig, config.sections["rm"]),
-        flops_per_token=flops_per_token(config.model, config.data.seq_len),
-    )
+    return RewardObjective(cast(RMConfig, config.sections["rm"]), seq_len=config.data.seq_len)
 
 
 DPO = Stage(

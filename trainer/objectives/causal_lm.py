@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from data_pipeline.batch import Batch
-from model.flops import flops_per_token
+from model.lora import trained_flops_per_token
 from model.transformer import Transformer
 from trainer.losses.cross_entropy import chunked_cross_entropy_sum, cross_entropy_sum
 from trainer.objectives.base import Metric, Objective, StepOutput
@@ -63,8 +63,8 @@ class CausalLMObjective(Objective):
             # This rank's expert load in its last micro-batch (a histogram, not a scalar).
             metrics["moe_tokens_per_expert"] = Metric(transformer.moe_tokens_per_expert(), "last")
         tokens = batch.num_tokens
-        # Forward + backward of the trained model (6N + attention per token).
-        flops = flops_per_token(transformer.config, self.seq_len) * tokens
+        # Forward + backward of the trained model (6N + attention per token; LoRA: 4N + 6A).
+        flops = trained_flops_per_token(transformer, transformer.config, self.seq_len) * tokens
         return StepOutput(loss=loss, metrics=metrics, tokens=tokens, flops=flops)
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 from model.flops import flops_per_token
+from model.lora import trained_flops_per_token
 from model.transformer import Transformer
 from trainer.checkpointing.checkpoint import CheckpointError
 from trainer.losses.cross_entropy import (
@@ -173,7 +174,8 @@ class DistillObjective(Objective):
             metrics["aux_loss"] = Metric(aux_loss.item(), "mean")
         tokens = batch.num_tokens
         flops = (
-            flops_per_token(transformer.config, self.seq_len) + self.teacher_flops_per_token
+            trained_flops_per_token(transformer, transformer.config, self.seq_len)
+            + self.teacher_flops_per_token
         ) * tokens
         return StepOutput(loss=loss, metrics=metrics, tokens=tokens, flops=flops)
 

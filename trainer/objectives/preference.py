@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.batch import IGNORE_INDEX, Batch
-from model.lora import adapters_disabled
+from model.flops import flops_per_token
+from model.lora import adapters_disabled, trained_flops_per_token
 from model.transformer import Transformer
 from trainer.checkpointing.checkpoint import CheckpointError
 from trainer.losses.preference import bradley_terry_losses, dpo_losses, sequence_logps
@@ -57,8 +58,9 @@ class DPOObjective(Objective):
 
     Reference log-probs come from the batch (`extras` reference_chosen_logps /
     reference_rejected_logps, filled from the precomputed cache) or, when absent, from a
-    no-grad forward of `reference`. `flops_per_token` is the policy's training FLOPs per token
-    (model.flops.flops_per_token); a live reference forward adds a third of it.
+    no-grad forward of `reference`. `seq_len` prices the FLOPs (0: none counted): the policy's
+    training FLOPs per token (model.lora.trained_flops_per_token: LoRA trains no base weight),
+    plus, with a live reference, a forward of the whole network.
     """
 
     stage = "dpo"
@@ -67,13 +69,13 @@ class DPOObjective(Objective):
         self,
         config: DPOConfig,
         reference: nn.Module | None = None,
-        flops_per_token: float = 0.0,
+        seq_len: int = 0,
         reference_sha256: str | None = None,
         adapters_off_reference: bool = False,
     ) -> None:
         self.config = config
         self.reference = reference
-        self.flops_per_token = flops_per_token
+        self.seq_len = seq_len
         # LoRA: the reference is the policy with its adapters switched off (no second copy).
         self.adapters_off_reference = adapters_off_reference
         # The reference's weights (checkpointed: a resume against another reference is refused).
@@ -168,7 +170,12 @@ class DPOObjective(Objective):
             metrics["aux_loss"] = Metric(aux_loss.item(), "mean")
             metrics["loss"] = Metric(loss.item(), "sum")
         tokens = batch.num_tokens
-        flops = self.flops_per_token * tokens * (4 / 3 if live else 1.0)
+        flops = 0.0
+        if transformer is not None and self.seq_len:
+            per_token = trained_flops_per_token(transformer, transformer.config, self.seq_len)
+            if live:  # the reference's forward: a third of full training
+                per_token += flops_per_token(transformer.config, self.seq_len) / 3
+            flops = per_token * tokens
         return StepOutput(loss=loss, metrics=metrics, tokens=tokens, flops=flops)
 
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
@@ -199,9 +206,9 @@ class RewardObjective(Objective):
 
     stage = "rm"
 
-    def __init__(self, config: RMConfig, flops_per_token: float = 0.0) -> None:
+    def __init__(self, config: RMConfig, seq_len: int = 0) -> None:
         self.config = config
-        self.flops_per_token = flops_per_token
+        self.seq_len = seq_len  # prices the FLOPs (0: none counted)
 
     def count_units(self, batch: Batch) -> int:
         return batch.num_pairs
@@ -220,11 +227,15 @@ class RewardObjective(Objective):
             for name, value in values.items()
         }
         tokens = batch.num_tokens
+        flops = 0.0
+        backbone = getattr(getattr(model, "module", model), "backbone", None)
+        if isinstance(backbone, Transformer) and self.seq_len:
+            # The backbone without its vocabulary head (the score head is one row).
+            flops = tokens * trained_flops_per_token(
+                backbone, backbone.config, self.seq_len, output_head=False
+            )
         return StepOutput(
-            loss=values["loss"].sum() / global_units,
-            metrics=metrics,
-            tokens=tokens,
-            flops=self.flops_per_token * tokens,
+            loss=values["loss"].sum() / global_units, metrics=metrics, tokens=tokens, flops=flops
         )
 
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
