@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -235,10 +236,12 @@ def test_two_ranks_at_zero_2_and_3_equal_one_rank(
     """The same distillation on 1 rank and on 2 ranks at ZeRO-2/3 (torchrun, gloo): equal
     losses and final weights (1e-5 relative). The student is 320 wide so that its embedding
     and output head (320 x 320 > 1e5 elements, DeepSpeed's persistence threshold) really are
-    partitioned at ZeRO-3: the chunked losses must see the gathered output weight.
+    partitioned at ZeRO-3: the chunked losses must see the gathered output weight. At ZeRO-3
+    the teacher is sharded too (its output matrix kept whole; tests/test_sharded_teacher.py).
     Negative control (by hand): the losses computed outside the engine's forward fail here
     at ZeRO-3 with "student vocabulary 0" (the head still partitioned).
-    Measured: weights 1.6e-7 (ZeRO-2) and 4.3e-7 (ZeRO-3) relative apart."""
+    Measured: weights 1.7e-7 (ZeRO-2) and 2.9e-6 (ZeRO-3) relative apart (2.9e-6 with the
+    teacher whole too: the sharding changes no bit of the losses)."""
     student = {**STUDENT_MODEL, "dim": 320, "n_heads": 4, "n_kv_heads": 2}
     single = distill_config(tmp_path / "single", corpus, teacher, kd_weight=0.7, loss="jsd")
     single["model"] = dict(student)
@@ -269,6 +272,12 @@ def test_two_ranks_at_zero_2_and_3_equal_one_rank(
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    sharded = re.search(
+        r"teacher sharded over 2 ranks \(ZeRO-3\): (\d+) of its (\d+)", result.stderr
+    )
+    assert (sharded is not None) == (zero_stage == 3), result.stderr[-3000:]
+    if sharded is not None:
+        assert int(sharded[1]) < 0.6 * int(sharded[2])
     want, _ = read_metrics(tmp_path / "single")
     got, _ = read_metrics(tmp_path / "double")
     for a, b in zip(want, got, strict=True):

@@ -27,7 +27,9 @@ from trainer.reference_cache import model_weights_sha256
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_worker(out: Path, nproc: int, zero_stage: int) -> list[dict[str, Any]]:
+def run_worker(
+    out: Path, nproc: int, zero_stage: int, module: str = "tests.sharded_reference_worker"
+) -> list[dict[str, Any]]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -36,7 +38,7 @@ def run_worker(out: Path, nproc: int, zero_stage: int) -> list[dict[str, Any]]:
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "tests.sharded_reference_worker", str(out), str(zero_stage)]
+    command += ["-m", module, str(out), str(zero_stage)]
     # A rank whose forwards fell out of step with the other's would hang in a gather.
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,14 +1,18 @@
 """`scaletrain distill CONFIG`: knowledge distillation as a stage on the one loop.
 
 The student is the run's model (its own `model` section, or `model.init_from`); the teacher is
-`distill.teacher`, built from its own config (its shape may differ), frozen, in eval mode and
-outside DeepSpeed at every ZeRO stage: each rank holds a whole replica, which gets no optimizer
-state and is never written into checkpoints (its SHA-256 is, and a resume checks it). Data,
-loader and evaluation are pretraining's: packed documents from `data.train`, the student's
-eval_loss on `data.validation`.
+`distill.teacher`, built from its own config (its shape may differ), frozen and in eval mode:
+below ZeRO-3 a whole replica on every rank; at ZeRO-3 sharded over the ranks like the student
+(an inference-only DeepSpeed engine, trainer/frozen.py), except its output matrix, which the
+chunked loss reads outside the teacher's forward and every rank keeps whole. It gets no
+optimizer state and is never written into checkpoints (its SHA-256, taken before sharding, is,
+and a resume checks it). Data, loader and evaluation are pretraining's: packed documents from
+`data.train`, the student's eval_loss on `data.validation`.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -17,8 +21,10 @@ from model import build_model
 from model.transformer import Transformer
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.config_io import ConfigError
+from trainer.frozen import is_sharded, partition_numels, shard_frozen
 from trainer.init_from import source_model_config
 from trainer.objectives.distill import DistillConfig, DistillObjective
+from trainer.reference_cache import model_weights_sha256
 from trainer.setup import init_from_folder, load_weights
 from trainer.stages import (
     Stage,
@@ -27,6 +33,8 @@ from trainer.stages import (
     pretrain_loader,
     register_stage,
 )
+
+logger = logging.getLogger(__name__)
 
 SECTION = "distill"
 _TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,7 +125,22 @@ def build_distill_objective(ctx: StageContext) -> DistillObjective:
             f"{SECTION}.teacher: {source} takes at most {teacher.config.max_seq_len} tokens, "
             f"data.seq_len is {seq_len}"
         )
-    return DistillObjective(config, teacher, seq_len)
+    sha256 = model_weights_sha256(teacher)  # whole: afterwards a rank may hold a partition
+    world = ctx.env.world_size
+    sharded = ctx.config.parallel.zero_stage == 3
+    head = teacher.output_weight.detach().clone() if sharded else None
+    frozen = shard_frozen(teacher, ctx.config, ctx.micro_batch_size, world)
+    if is_sharded(frozen):
+        local, full = partition_numels(frozen)
+        logger.info(
+            "distill: teacher sharded over %d ranks (ZeRO-3): %d of its %d elements on this "
+            "rank, plus its %d-element output matrix whole",
+            world,
+            local,
+            full,
+            head.numel() if head is not None else 0,
+        )
+    return DistillObjective(config, frozen, seq_len, teacher_sha256=sha256, teacher_head=head)
 
 
 DISTILL = Stage(

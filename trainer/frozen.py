@@ -1,4 +1,5 @@
-"""Frozen models beside the trained one (DPO's reference): whole on every rank, or sharded.
+"""Frozen models beside the trained one (DPO's reference, a distillation teacher): whole on
+every rank, or sharded.
 
 At ZeRO 0-2 a frozen model is a plain module, a whole replica on every rank. At ZeRO-3 it
 goes through `deepspeed.initialize` without an optimizer, with the run's ZeRO-3 settings

@@ -81,30 +81,53 @@ def _forward_is(module: nn.Module, forward: Any) -> Iterator[None]:
 
 
 class DistillObjective(Objective):
-    """Knowledge distillation from a frozen `teacher` (outside DeepSpeed: a replica per rank).
+    """Knowledge distillation from a frozen `teacher`: a whole Transformer, or at ZeRO-3 the
+    inference-only engine of trainer/frozen.py around one (its parameters partitioned over the
+    ranks; every rank runs the same teacher forwards, one per micro-batch).
 
-    The unit is a target token. `seq_len` prices the FLOPs: the student's forward + backward
-    plus the teacher's forward (a third of its training FLOPs) per token.
+    A sharded teacher's output matrix is read outside its forward (the chunked loss projects
+    its hidden states chunk by chunk), so the caller passes it whole as `teacher_head`, with
+    `teacher_sha256`, both taken before sharding. The unit is a target token. `seq_len`
+    prices the FLOPs: the student's forward + backward plus the teacher's forward (a third of
+    its training FLOPs) per token.
     """
 
     stage = "distill"
 
-    def __init__(self, config: DistillConfig, teacher: Transformer, seq_len: int) -> None:
+    def __init__(
+        self,
+        config: DistillConfig,
+        teacher: nn.Module,
+        seq_len: int,
+        teacher_sha256: str | None = None,
+        teacher_head: torch.Tensor | None = None,
+    ) -> None:
         self.config = config
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher
+        self.teacher_module = unwrap(teacher)
+        if teacher is self.teacher_module:
+            self.teacher_module.requires_grad_(False).eval()
+        self.teacher_head = teacher_head
         self.seq_len = seq_len
         # Recorded in checkpoints: a resumed run must distill from the same weights.
-        self.teacher_sha256 = model_weights_sha256(teacher)
-        self.teacher_flops_per_token = flops_per_token(teacher.config, seq_len) / 3
+        self.teacher_sha256 = teacher_sha256 or model_weights_sha256(self.teacher_module)
+        self.teacher_flops_per_token = flops_per_token(self.teacher_module.config, seq_len) / 3
 
     def count_units(self, batch: Batch) -> int:
         return batch.num_target_tokens
 
+    @property
+    def teacher_weight(self) -> torch.Tensor:
+        """The teacher's output matrix (vocab, d_teacher)."""
+        if self.teacher_head is not None:
+            return self.teacher_head
+        return self.teacher_module.output_weight
+
     def _teacher_hidden(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            hidden = self.teacher.hidden_states(
-                batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids
-            )
+        # Through the teacher's own call (a sharded engine gathers each layer for it).
+        inner = self.teacher_module
+        with torch.no_grad(), _forward_is(inner, inner.hidden_states):
+            hidden = self.teacher(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)
         return hidden.flatten(0, 1)  # (B*T, d_teacher)
 
     def _student_sums(
@@ -128,7 +151,7 @@ class DistillObjective(Objective):
                 hidden,
                 weight,
                 teacher_hidden,
-                self.teacher.output_weight,
+                self.teacher_weight,
                 flat_labels,
                 config.loss,
                 config.jsd_beta,
