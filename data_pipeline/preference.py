@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -293,27 +294,50 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
 
 # ---------------------------------------------------------------------------- the builtin set
 BUILTIN_STDLIB_PREFERENCE = "builtin:stdlib-preference"
+BUILTIN_STDLIB_SCRAMBLED = "builtin:stdlib-scrambled"
+BUILTIN_PREFERENCE_SOURCES = (BUILTIN_STDLIB_PREFERENCE, BUILTIN_STDLIB_SCRAMBLED)
 
 
 def stdlib_preference_records(
-    split: str, validation_percent: float = 2.0, limit: int = 2048
+    split: str, validation_percent: float = 2.0, limit: int = 2048, rejected: str = "other"
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """`builtin:stdlib-preference`: (where, record) preference pairs from the standard library.
+    """`builtin:stdlib-preference` (`rejected="other"`) and `builtin:stdlib-scrambled`
+    (`rejected="scrambled"`): (where, record) preference pairs from the standard library.
 
     The prompt asks for a public function's docstring (as `builtin:stdlib-instruct` does); the
-    chosen answer is the first paragraph of its own docstring, the rejected one another
-    function's (half the set away, so never a neighbour from the same file). The split follows
-    `builtin:stdlib` (by file), at most `limit` pairs, in a fixed order: every run builds the
-    same set.
+    chosen answer is the first paragraph of its own docstring. The rejected one is
+    - "other": another function's (half the set away, so never a neighbour from the same
+      file): a relevance judgement;
+    - "scrambled": the chosen answer's own words in a seeded random order (the same words and
+      length, no longer a sentence; answers of one word are skipped): a fluency judgement,
+      which a small model learns in minutes where it does not learn relevance.
+    The split follows `builtin:stdlib` (by file), at most `limit` pairs, in a fixed order:
+    every run builds the same set.
     """
     from itertools import islice
 
     from data_pipeline.sources import stdlib_instructions
 
+    if rejected not in ("other", "scrambled"):
+        raise ValueError(f"rejected: 'other' or 'scrambled', got {rejected!r}")
     items = list(islice(stdlib_instructions(split, validation_percent), limit))
     for index, (where, record) in enumerate(items):
         question, answer = (m["content"] for m in record["messages"])
-        other = items[(index + len(items) // 2) % len(items)][1]["messages"][1]["content"]
-        if other == answer:
+        if rejected == "scrambled":
+            other = _scrambled(answer, random.Random(f"{where}:{index}"))
+        else:
+            other = items[(index + len(items) // 2) % len(items)][1]["messages"][1]["content"]
+        if other is None or other == answer:
             continue
         yield where, {"prompt": question, "chosen": answer, "rejected": other}
+
+
+def _scrambled(text: str, rng: random.Random) -> str | None:
+    """`text`'s words in another order (None when every order reads the same)."""
+    words = text.split()
+    if len(set(words)) < 2:
+        return None
+    order = words[:]
+    while order == words:
+        rng.shuffle(order)
+    return " ".join(order)

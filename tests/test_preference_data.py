@@ -253,3 +253,28 @@ def test_unusable_record_types() -> None:
         parse_preference_record(["a"])
     with pytest.raises(BadRecord, match="margin"):
         parse_preference_record({"prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"})
+
+
+def test_builtin_stdlib_pairs_other_and_scrambled() -> None:
+    """builtin:stdlib-preference rejects with another function's docstring; builtin:stdlib-
+    scrambled with the chosen answer's own words reordered (seeded: every run the same set).
+    Both share prompts and chosen answers, and the held-out split shares no source file."""
+    from itertools import islice
+
+    from data_pipeline.preference import stdlib_preference_records
+
+    other = list(stdlib_preference_records("train"))
+    scrambled = list(stdlib_preference_records("train", rejected="scrambled"))
+    assert [r["prompt"] for _, r in other] == [r["prompt"] for _, r in scrambled]
+    assert [r["chosen"] for _, r in other] == [r["chosen"] for _, r in scrambled]
+    chosen = {r["chosen"] for _, r in other}
+    assert all(r["rejected"] in chosen for _, r in other)  # someone else's answer
+    for _, record in scrambled:
+        words, reordered = record["chosen"].split(), record["rejected"].split()
+        assert sorted(words) == sorted(reordered) and words != reordered
+    again = list(islice(stdlib_preference_records("train", rejected="scrambled"), 50))
+    assert again == scrambled[:50]
+    held_out = {where.rsplit(":", 1)[0] for where, _ in stdlib_preference_records("validation")}
+    assert held_out and not held_out & {where.rsplit(":", 1)[0] for where, _ in other}
+    with pytest.raises(ValueError, match="'other' or 'scrambled'"):
+        next(stdlib_preference_records("train", rejected="shuffled"))

@@ -43,7 +43,8 @@ from data_pipeline.chat import (
 from data_pipeline.config import ChatConfig, SFTConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.preference import (
-    BUILTIN_STDLIB_PREFERENCE,
+    BUILTIN_PREFERENCE_SOURCES,
+    BUILTIN_STDLIB_SCRAMBLED,
     PreferenceFormat,
     TokenizedPair,
     Truncation,
@@ -103,13 +104,14 @@ class _Renderer:
 def _source_records(
     source: SourceConfig, split: str, validation_percent: float, skips: SkipCounter
 ) -> Iterator[tuple[str, Any]]:
-    if source.path == BUILTIN_STDLIB_PREFERENCE:
-        yield from stdlib_preference_records(split, validation_percent)
+    if source.path in BUILTIN_PREFERENCE_SOURCES:
+        rejected = "scrambled" if source.path == BUILTIN_STDLIB_SCRAMBLED else "other"
+        yield from stdlib_preference_records(split, validation_percent, rejected=rejected)
         return
     if source.path.startswith("builtin:"):
         raise DataError(
-            f"{source.path}: not a preference source (use {BUILTIN_STDLIB_PREFERENCE} "
-            "or JSON-lines files)"
+            f"{source.path}: not a preference source (use "
+            f"{' or '.join(BUILTIN_PREFERENCE_SOURCES)}, or JSON-lines files)"
         )
     path = Path(source.path)
     if path.is_file():
