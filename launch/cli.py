@@ -188,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_large_allocations()  # large step tensors reused, not page-faulted in every step
     hooks = fault_injection_hooks(args.fail_at_step, args.stall_at_step, args.inject)
     hooks += fine_tuning_monitors(config)  # forgetting / diversity when a `monitor` section exists
-    if stage == "sft":  # the end-of-run chat turn (sft.sample_chat)
+    if stage in ("sft", "dpo"):  # the end-of-run chat turn (sft.sample_chat)
         from trainer.sft import ChatSample
 
         hooks.append(ChatSample())

@@ -41,8 +41,13 @@ def test_first_line_is_ln2_through_the_cli_and_not_against_another_reference(
     data: dict[str, Path], tmp_path: Path
 ) -> None:
     raw = config(data, tmp_path / "run", train={"max_steps": 1, "eval_every": 1})
+    raw["sft"] = {**raw.get("sft", {}), "sample_chat": "Name a colour.", "sample_tokens": 6}
     result = cli("dpo", raw, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The end-of-run chat turn: rendered with the run's template, stopped at the end of turn.
+    assert "--- chat sample (step_00000001, greedy) ---\nuser: Name a colour.\nassistant: " in (
+        result.stdout
+    ), result.stdout[-2000:]
     lines, evals = read_metrics(tmp_path / "run")
     first = lines[0]
     assert abs(first["dpo_loss"] - math.log(2)) < 1e-6

@@ -76,6 +76,7 @@ from trainer.reference_cache import (
     text_sha256,
 )
 from trainer.setup import load_weights
+from trainer.sft import SFTStageConfig
 from trainer.stages import Stage, StageContext, register_stage
 
 logger = logging.getLogger(__name__)
@@ -476,7 +477,7 @@ DPO = Stage(
     sections={
         "dpo": DPOConfig,
         "chat": ChatConfig,
-        "sft": SFTConfig,
+        "sft": SFTStageConfig,  # data keys, and sample_chat for the end-of-run chat turn
         "lora": LoRAConfig,
         MONITOR_SECTION: MonitorConfig,  # forgetting / diversity hooks (trainer/monitors.py)
     },

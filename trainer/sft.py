@@ -282,8 +282,9 @@ def _build_objective(ctx: StageContext) -> SFTObjective:
 
 # ---------------------------------------------------------------------------- end-of-run sample
 class ChatSample(Hook):
-    """Rank 0 answers `sft.sample_chat` with the final checkpoint: the user turn rendered with
-    the checkpoint's chat template, greedy, stopped at the end of the assistant turn."""
+    """Rank 0 answers `sft.sample_chat` with the final checkpoint (sft and dpo runs): the user
+    turn rendered with the checkpoint's chat template, greedy, stopped at the end of the
+    assistant turn."""
 
     name = "chat_sample"
 
