@@ -27,6 +27,9 @@ Settings, like for like (the padded comparison):
   (on CPU it scores every position, in chunks), right padding to the micro-batch's longest). Its
   loss is the same objective: summed over the step's labelled tokens and divided by
   `num_items_in_batch`, their count over the accumulated micro-batches.
+- `--lora R`: both sides train LoRA adapters of rank R (alpha 2R, no dropout) on q/k/v/o, the
+  base frozen: ours `lora.rank R`, TRL through `peft_config=peft.LoraConfig(...)`. Both start
+  with B = 0, so the first losses still compare; later steps do not (each side draws its own A).
 - `--packed` adds a second phase with each side's packing: ours `sft.packing: true` (best-fit
   rows of seq_len, document masking); TRL `packing=True` (its default strategy `bfd`, which
   makes it padding-free: one flattened row per micro-batch with position_ids). The rows per
@@ -47,7 +50,7 @@ of the per-step ratios (step k of each ran back to back), the first step losses 
 their difference (padded: every step's, as both see the same conversations).
 
 Run:  /tmp/trlvenv/bin/python -m bench.trl_sft --init-from runs/tiny [--steps 40 --rows 16
-      --micro 8 --seq-len 256 --packed]
+      --micro 8 --seq-len 256 --packed --lora 16]
 TRL is a bench-only install (not a dependency of scaletrain): `pip install trl`.
 """
 
@@ -192,8 +195,18 @@ def ours_config(
             "truncation": "drop",
             "sample_chat": None,
         },
-        "lora": {"rank": 0},
+        "lora": _ours_lora(getattr(args, "lora", 0)),
     }
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _ours_lora(rank: int) -> dict[str, Any]:
+    """`--lora R`: rank R on the attention projections, alpha 2R, no dropout (0: full)."""
+    if not rank:
+        return {"rank": 0}
+    return {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "targets": LORA_TARGETS}
 
 
 def build_ours(raw: dict[str, Any], hooks: list[Any]) -> Any:
@@ -281,12 +294,25 @@ def build_trl(
         include_num_input_tokens_seen="non_padding",
     )
     dataset = datasets.Dataset.from_list(records)
+    peft_config = None
+    if args.lora:  # the same adapters through peft (TRL's own LoRA path)
+        import peft
+
+        peft_config = peft.LoraConfig(
+            r=args.lora,
+            lora_alpha=2 * args.lora,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     return trl.SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[callback],
+        peft_config=peft_config,
     )
 
 
@@ -408,10 +434,11 @@ def run_phase(
         "trl_losses": trl_losses,
         "first_loss_abs_diff": abs(ours_losses[0] - trl_losses[0]),
         **check,
-        # The same conversations per step only when padded: then every step's loss compares.
+        # The same conversations per step only when padded: then every step's loss compares
+        # (with LoRA only the first: the two sides draw their adapters' A matrices apart).
         **(
             {}
-            if packing
+            if packing or args.lora
             else {
                 "max_loss_rel_diff": max(
                     abs(a - b) / abs(b) for a, b in zip(ours_losses, trl_losses, strict=True)
@@ -434,6 +461,9 @@ def main(argv: list[str] | None = None, phases: Callable[..., Any] = run_phase) 
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--packed", action="store_true", help="also each side's packing")
+    parser.add_argument(
+        "--lora", type=int, default=0, help="LoRA rank on q/k/v/o for both sides (0: full)"
+    )
     args = parser.parse_args(argv)
     if args.rows % args.micro:
         parser.error("--rows must be a multiple of --micro")
