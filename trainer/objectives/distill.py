@@ -110,6 +110,8 @@ class DistillObjective(Objective):
         self.teacher_head = teacher_head
         self.seq_len = seq_len
         # Recorded in checkpoints: a resumed run must distill from the same weights.
+        if teacher_sha256 is None and teacher is not self.teacher_module:
+            raise ValueError("a sharded teacher's teacher_sha256 must be taken before sharding")
         self.teacher_sha256 = teacher_sha256 or model_weights_sha256(self.teacher_module)
         self.teacher_flops_per_token = flops_per_token(self.teacher_module.config, seq_len) / 3
 
