@@ -416,15 +416,20 @@ def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def adapter_params_per_token(model: nn.Module, config: ModelConfig) -> int | None:
+def adapter_params_per_token(
+    model: nn.Module, config: ModelConfig, output_head: bool = True
+) -> int | None:
     """The adapter parameters one token passes through: every q/k/v/o, gate/up/down and head
-    pair, and of an MoE layer's expert pairs the `top_k` of `n_experts` it is routed to; None
-    when `model` has no adapters (every weight trains)."""
+    pair (not the head's when `output_head` is False: a reward model never projects to the
+    vocabulary), and of an MoE layer's expert pairs the `top_k` of `n_experts` it is routed
+    to; None when `model` has no adapters (every weight trains)."""
     modules = [module for _, _, module in _lora_modules(model)]
     if not modules:
         return None
     total = 0
     for module in modules:
+        if isinstance(module, LoRAHead) and not output_head:
+            continue
         if isinstance(module, LoRAGroupedExperts):
             for projection in module.PROJECTIONS:
                 pair = sum(_numel(t) for t in module.pair(projection))
@@ -442,7 +447,7 @@ def trained_flops_per_token(
     return flops_per_token(
         config,
         seq_len,
-        adapter_params=adapter_params_per_token(model, config),
+        adapter_params=adapter_params_per_token(model, config, output_head),
         output_head=output_head,
     )
 

@@ -258,10 +258,16 @@ def test_training_flops_count_a_frozen_base_and_the_routed_expert_adapters() -> 
     unrouted = expert_pairs - expert_pairs * MOE.top_k // MOE.n_experts
     assert adapter_params_per_token(moe, MOE) == trainable_parameter_count(moe) - unrouted
 
-    # A reward model's backbone has no vocabulary head: 6 x (vocab x dim) fewer per token.
+    # A reward model's backbone has no vocabulary head: 6 x (vocab x dim) fewer per token,
+    # and a head adapter (lora_head target) is not counted either.
     head = 6 * VOCAB * dim
     no_head = flops_per_token(DENSE, seq, output_head=False)
     assert flops_per_token(DENSE, seq) - no_head == head
+    with_head = build_model(DENSE, seed=0)
+    apply_lora(with_head, LoRAConfig(rank=rank, alpha=8.0, targets=["q_proj", "lm_head"]))
+    q_pairs = DENSE.n_layers * rank * (dim + dim)
+    assert adapter_params_per_token(with_head, DENSE) == q_pairs + rank * (dim + VOCAB)
+    assert adapter_params_per_token(with_head, DENSE, output_head=False) == q_pairs
 
 
 # ---------------------------------------------------------------------------- peft
