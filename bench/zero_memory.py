@@ -61,7 +61,9 @@ def measure(stage: int, dim: int, n_layers: int) -> dict[str, float]:
     model = build_model(model_config, "cpu", seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     rope_bytes = model.rope_cos.nbytes + model.rope_sin.nbytes
-    ds = build_deepspeed_config(config, 1, 1, env.world_size, "fp32")
+    ds = build_deepspeed_config(
+        config.parallel, config.train.grad_clip, 1, 1, env.world_size, "fp32"
+    )
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, config.train),

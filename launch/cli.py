@@ -137,7 +137,9 @@ def describe_plan(
                 f"12*L*H*Q*T: the frozen base gets no weight gradients; {lora_fpt / fpt:.3f}x "
                 "full fine-tuning)"
             )
-    ds = build_deepspeed_config(config, micro, accumulation_steps, world_size, precision)
+    ds = build_deepspeed_config(
+        config.parallel, config.train.grad_clip, micro, accumulation_steps, world_size, precision
+    )
     lines += ["", f"# deepspeed config (world size {world_size})", json.dumps(ds, indent=2)]
     return "\n".join(lines)
 

@@ -77,7 +77,7 @@ def test_below_zero3_the_reference_stays_a_whole_module() -> None:
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_frozen_config_has_no_optimizer_and_keeps_fp32(offload: str) -> None:
     parallel = ParallelConfig(zero_stage=3, precision="bf16", offload=offload)
-    ds = frozen_deepspeed_config(JobConfig(parallel=parallel), 2, 4)
+    ds = frozen_deepspeed_config(parallel, 2, 4)
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and "offload_optimizer" not in zero
     assert ("offload_param" in zero) == (offload == "cpu")

@@ -6,20 +6,21 @@ from typing import Any
 
 import torch
 
-from trainer.config import JobConfig
+from trainer.config import ParallelConfig
 
 
 def build_deepspeed_config(
-    config: JobConfig,
+    parallel: ParallelConfig,
+    grad_clip: float,
     micro_batch_size: int,
     accumulation_steps: int,
     world_size: int,
     precision: str,
     load_universal: bool = False,
 ) -> dict[str, Any]:
-    """DeepSpeed's config dict for this job on `world_size` ranks; `load_universal` when resuming
-    from a checkpoint converted to DeepSpeed's universal layout (trainer/reshard.py)."""
-    parallel = config.parallel
+    """DeepSpeed's config dict for a job's `parallel` section and `train.grad_clip` on
+    `world_size` ranks; `load_universal` when resuming from a checkpoint converted to
+    DeepSpeed's universal layout (trainer/reshard.py)."""
     overlap = (
         parallel.overlap_comm if parallel.overlap_comm is not None else torch.cuda.is_available()
     )
@@ -33,15 +34,15 @@ def build_deepspeed_config(
     if parallel.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = parallel.allgather_bucket_size
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if config.parallel.offload == "cpu":
+    if parallel.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-        if config.parallel.zero_stage == 3:
+        if parallel.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     ds: dict[str, Any] = {
         "train_batch_size": micro_batch_size * accumulation_steps * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
-        "gradient_clipping": config.train.grad_clip,
+        "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -57,13 +58,14 @@ def build_deepspeed_config(
 
 
 def frozen_deepspeed_config(
-    config: JobConfig, micro_batch_size: int, world_size: int
+    parallel: ParallelConfig, micro_batch_size: int, world_size: int
 ) -> dict[str, Any]:
     """DeepSpeed's config for a frozen, inference-only model beside the trained one (DPO's
-    reference): the run's ZeRO stage, buckets and parameter offload, but no optimizer, no
-    gradient clipping and no optimizer offload. fp32: the frozen model keeps its own dtype
-    (DeepSpeed would cast it to the run's bf16/fp16), so its numbers do not depend on the stage."""
-    ds = build_deepspeed_config(config, micro_batch_size, 1, world_size, "fp32")
+    reference, a distillation teacher): the run's ZeRO stage, buckets and parameter offload,
+    but no optimizer, no gradient clipping and no optimizer offload. fp32: a frozen model keeps
+    its own dtype (DeepSpeed would cast it to the run's bf16/fp16), so its numbers do not
+    depend on the stage."""
+    ds = build_deepspeed_config(parallel, 0.0, micro_batch_size, 1, world_size, "fp32")
     for key in ("gradient_clipping", "zero_allow_untested_optimizer"):
         ds.pop(key)
     ds["zero_optimization"].pop("offload_optimizer", None)

@@ -36,7 +36,7 @@ def shard_frozen(
         return model.eval()
     engine, *_ = deepspeed.initialize(
         model=model,
-        config=frozen_deepspeed_config(config, micro_batch_size, world_size),
+        config=frozen_deepspeed_config(config.parallel, micro_batch_size, world_size),
         dist_init_required=False,
     )
     frozen = cast(nn.Module, engine)

@@ -178,7 +178,8 @@ class Trainer:
         # Before the engine exists: a checkpoint of another layout loads through a converted copy.
         self.checkpoints.prepare_resume()
         self.ds_config = build_deepspeed_config(
-            config,
+            config.parallel,
+            config.train.grad_clip,
             self.micro_batch_size,
             self.accumulation_steps,
             env.world_size,
