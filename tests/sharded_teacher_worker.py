@@ -52,7 +52,7 @@ def main(out: Path, zero_stage: int) -> None:
 
     config = JobConfig(parallel=ParallelConfig(zero_stage=zero_stage, precision="fp32"))
     head = whole.output_weight.detach().clone()
-    frozen = shard_frozen(copy.deepcopy(whole), config, 2, env.world_size)
+    frozen = shard_frozen(copy.deepcopy(whole), config, 2, env.world_size, "test")
     local, full = partition_numels(frozen)
     sharded = DistillObjective(
         settings, frozen, SEQ, teacher_sha256=reference.teacher_sha256, teacher_head=head
@@ -64,6 +64,11 @@ def main(out: Path, zero_stage: int) -> None:
     rows[:, 9] = 0
     batch = causal_lm_batch(rows, eos_id=0, document_masking=True)
     units = batch.num_target_tokens
+    # Preconditions of a meaningful comparison, checked here where they are built: documents
+    # restart inside the rows, and the head is large enough (over DeepSpeed's persistence
+    # threshold of 1e5 elements) to stay partitioned, so only the kept copy can serve the loss.
+    assert batch.doc_ids is not None and int(batch.doc_ids.max()) > 0, "no document boundary"
+    assert whole.output_weight.numel() > 100_000, "the head would not be partitioned"
 
     from_shards = sharded.train_step(student, batch, units)
     from_shards.loss.backward()
