@@ -295,7 +295,11 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
 # ---------------------------------------------------------------------------- the builtin set
 BUILTIN_STDLIB_PREFERENCE = "builtin:stdlib-preference"
 BUILTIN_STDLIB_SCRAMBLED = "builtin:stdlib-scrambled"
-BUILTIN_PREFERENCE_SOURCES = (BUILTIN_STDLIB_PREFERENCE, BUILTIN_STDLIB_SCRAMBLED)
+# Each built-in set and how it draws its rejected answers (stdlib_preference_records).
+BUILTIN_PREFERENCE_SOURCES = {
+    BUILTIN_STDLIB_PREFERENCE: "other",
+    BUILTIN_STDLIB_SCRAMBLED: "scrambled",
+}
 
 
 def stdlib_preference_records(

@@ -452,6 +452,23 @@ def trained_flops_per_token(
     )
 
 
+class TrainedFlops:
+    """`trained_flops_per_token` of the model an objective trains, found once per model: its
+    adapters do not change while it trains, so no micro-batch walks its modules again."""
+
+    def __init__(self, seq_len: int, output_head: bool = True) -> None:
+        self.seq_len = seq_len
+        self.output_head = output_head
+        self._model: nn.Module | None = None
+        self._per_token = 0.0
+
+    def __call__(self, model: nn.Module, config: ModelConfig) -> float:
+        if model is not self._model:
+            self._model = model
+            self._per_token = trained_flops_per_token(model, config, self.seq_len, self.output_head)
+        return self._per_token
+
+
 def adam_state_bytes(n_trainable: int, fp32_master: bool = True) -> int:
     """Optimizer-state bytes of AdamW for `n_trainable` parameters: two fp32 moments (8 B), plus
     an fp32 master copy (4 B) in mixed precision and under DeepSpeed ZeRO >= 1."""

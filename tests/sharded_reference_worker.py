@@ -56,7 +56,7 @@ def main(out: Path, zero_stage: int) -> None:
     whole = build_model(shape, "cpu", seed=5).eval()
     sha_before = model_weights_sha256(whole)
     config = JobConfig(parallel=ParallelConfig(zero_stage=zero_stage, precision="fp32"))
-    frozen = shard_frozen(copy.deepcopy(whole), config, 2, env.world_size)
+    frozen = shard_frozen(copy.deepcopy(whole), config, 2, env.world_size, "test")
     local, full = partition_numels(frozen)
 
     batches = PairMicroBatches(pairs(), PER_MICRO, 0, torch.device("cpu"))

@@ -119,6 +119,8 @@ def test_flops_price_the_reference_forward_and_drop_the_reward_models_vocab_head
     apply_lora(policy, LoRAConfig(rank=4, alpha=8.0))
     lora = trained_flops_per_token(policy, config, seq)
     assert lora < full
+    # A fresh objective: one prices its model once (adapters do not change while it trains).
+    live = DPOObjective(DPOConfig(), build_model(config, seed=1), seq_len=seq)
     assert live.train_step(policy, batch, 4).flops == pytest.approx(
         (lora + forward) * batch.num_tokens, rel=1e-12
     )

@@ -67,7 +67,7 @@ def test_below_zero3_the_reference_stays_a_whole_module() -> None:
     model = build_model(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2), "cpu")
     for stage in (0, 1, 2):
         config = JobConfig(parallel=ParallelConfig(zero_stage=stage, precision="fp32"))
-        frozen = shard_frozen(model, config, 2, 2)
+        frozen = shard_frozen(model, config, 2, 2, "test")
         assert frozen is model and not is_sharded(frozen) and not frozen.training
         assert all(not p.requires_grad for p in frozen.parameters())
         numel = sum(p.numel() for p in model.parameters())

@@ -21,7 +21,7 @@ from model import build_model
 from model.transformer import Transformer
 from trainer.checkpointing import checkpoint as ckpt
 from trainer.config_io import ConfigError
-from trainer.frozen import is_sharded, partition_numels, shard_frozen
+from trainer.frozen import shard_frozen, shards
 from trainer.init_from import source_model_config
 from trainer.objectives.distill import DistillConfig, DistillObjective
 from trainer.reference_cache import model_weights_sha256
@@ -126,20 +126,13 @@ def build_distill_objective(ctx: StageContext) -> DistillObjective:
             f"data.seq_len is {seq_len}"
         )
     sha256 = model_weights_sha256(teacher)  # whole: afterwards a rank may hold a partition
-    world = ctx.env.world_size
-    sharded = ctx.config.parallel.zero_stage == 3
-    head = teacher.output_weight.detach().clone() if sharded else None
-    frozen = shard_frozen(teacher, ctx.config, ctx.micro_batch_size, world)
-    if is_sharded(frozen):
-        local, full = partition_numels(frozen)
-        logger.info(
-            "distill: teacher sharded over %d ranks (ZeRO-3): %d of its %d elements on this "
-            "rank, plus its %d-element output matrix whole",
-            world,
-            local,
-            full,
-            head.numel() if head is not None else 0,
-        )
+    head = None
+    if shards(ctx.config):  # the chunked loss reads it outside the teacher's forward
+        head = teacher.output_weight.detach().clone()
+        logger.info("distill: the teacher's output matrix (%d elements) stays whole", head.numel())
+    frozen = shard_frozen(
+        teacher, ctx.config, ctx.micro_batch_size, ctx.env.world_size, name="distill: teacher"
+    )
     return DistillObjective(config, frozen, seq_len, teacher_sha256=sha256, teacher_head=head)
 
 

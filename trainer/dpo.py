@@ -44,7 +44,6 @@ from data_pipeline.config import ChatConfig, SFTConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.preference import (
     BUILTIN_PREFERENCE_SOURCES,
-    BUILTIN_STDLIB_SCRAMBLED,
     PreferenceFormat,
     TokenizedPair,
     Truncation,
@@ -62,7 +61,7 @@ from model.transformer import Transformer
 from trainer.chat_setup import grow_vocabulary, prepare_chat
 from trainer.config_io import ConfigError
 from trainer.distributed import barrier
-from trainer.frozen import is_sharded, partition_numels, release_frozen, shard_frozen
+from trainer.frozen import release_frozen, shard_frozen
 from trainer.monitors import MONITOR_SECTION, MonitorConfig
 from trainer.objectives.base import Objective
 from trainer.objectives.preference import DPOObjective, RewardObjective
@@ -105,8 +104,8 @@ class _Renderer:
 def _source_records(
     source: SourceConfig, split: str, validation_percent: float, skips: SkipCounter
 ) -> Iterator[tuple[str, Any]]:
-    if source.path in BUILTIN_PREFERENCE_SOURCES:
-        rejected = "scrambled" if source.path == BUILTIN_STDLIB_SCRAMBLED else "other"
+    rejected = BUILTIN_PREFERENCE_SOURCES.get(source.path)
+    if rejected is not None:
         yield from stdlib_preference_records(split, validation_percent, rejected=rejected)
         return
     if source.path.startswith("builtin:"):
@@ -343,22 +342,6 @@ def _build_reference(
     return reference.eval()
 
 
-def _shard_reference(ctx: StageContext, reference: Transformer) -> nn.Module:
-    """At ZeRO-3 the reference's parameters partitioned over the ranks like the policy's (an
-    inference-only DeepSpeed engine, trainer/frozen.py); below, the whole copy on every rank."""
-    world = ctx.env.world_size
-    frozen = shard_frozen(reference, ctx.config, ctx.micro_batch_size, world)
-    if is_sharded(frozen):
-        local, full = partition_numels(frozen)
-        logger.info(
-            "dpo: reference sharded over %d ranks (ZeRO-3): %d of its %d elements on this rank",
-            world,
-            local,
-            full,
-        )
-    return frozen
-
-
 def _cache_key(ctx: StageContext, reference_sha: str) -> ReferenceCacheKey:
     template = cast(ChatTemplate, ctx.extras[TEMPLATE])
     return ReferenceCacheKey(
@@ -428,7 +411,14 @@ def _prepare_dpo_model(ctx: StageContext, model: nn.Module) -> nn.Module:
             reference = _build_reference(ctx, policy, dpo.reference, source_vocab)
             sha = model_weights_sha256(reference)  # the whole weights, before any sharding
             ctx.extras[REFERENCE_SHA] = sha
-            frozen = _shard_reference(ctx, reference)
+            # At ZeRO-3 partitioned over the ranks like the policy (trainer/frozen.py).
+            frozen = shard_frozen(
+                reference,
+                ctx.config,
+                ctx.micro_batch_size,
+                ctx.env.world_size,
+                name="dpo: reference",
+            )
             del reference  # at ZeRO-3 only its partitions are held from here on
             if dpo.precompute_reference:
                 ctx.extras[CACHED_LOGPS] = _precompute(ctx, frozen, sha)

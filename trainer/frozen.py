@@ -15,6 +15,7 @@ forwards, with the same modules, or the gathers wait for a rank that never comes
 
 from __future__ import annotations
 
+import logging
 from typing import cast
 
 from torch import nn
@@ -23,16 +24,23 @@ from trainer.config import JobConfig
 from trainer.deepspeed_config import frozen_deepspeed_config
 from trainer.distributed import deepspeed
 
+logger = logging.getLogger(__name__)
+
+
+def shards(config: JobConfig) -> bool:
+    """Whether `shard_frozen` partitions a frozen model under `config` (ZeRO-3)."""
+    return config.parallel.zero_stage == 3
+
 
 def shard_frozen(
-    model: nn.Module, config: JobConfig, micro_batch_size: int, world_size: int
+    model: nn.Module, config: JobConfig, micro_batch_size: int, world_size: int, name: str
 ) -> nn.Module:
     """`model` frozen and in eval mode: itself below ZeRO-3, else an inference-only DeepSpeed
     engine around it whose parameters are partitioned over the `world_size` ranks (a
-    collective: every rank calls it). Hash the weights before: afterwards each rank holds
-    only its partition."""
+    collective: every rank calls it), logged as `name` ("dpo: reference"). Hash the weights
+    before: afterwards each rank holds only its partition."""
     model.requires_grad_(False)
-    if config.parallel.zero_stage != 3:
+    if not shards(config):
         return model.eval()
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -41,6 +49,14 @@ def shard_frozen(
     )
     frozen = cast(nn.Module, engine)
     frozen.eval()  # DeepSpeed's engine.eval() returns None, not the engine
+    local, full = partition_numels(frozen)
+    logger.info(
+        "%s sharded over %d ranks (ZeRO-3): %d of its %d elements on this rank",
+        name,
+        world_size,
+        local,
+        full,
+    )
     return frozen
 
 

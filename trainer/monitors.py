@@ -274,7 +274,7 @@ class ForgettingMonitor(_EvalScheduledHook):
         losses = self.retain_losses(trainer)
         records, warnings = self.records(trainer.step, losses)
         for record in records:
-            trainer.log_metrics([record], prefix=f"eval/{record['split']}")
+            trainer.log_metrics(record, prefix=f"eval/{record['split']}")
         if trainer.env.is_main:
             for warning in warnings:
                 logger.warning(warning)
@@ -489,7 +489,7 @@ class DiversityMonitor(_EvalScheduledHook):
     def measure(self, trainer: Trainer) -> None:
         groups = self.draw(trainer)
         record, warnings = self.records(trainer.step, groups)
-        trainer.log_metrics([record], prefix=f"eval/{SAMPLES_SPLIT}")
+        trainer.log_metrics(record, prefix=f"eval/{SAMPLES_SPLIT}")
         if trainer.env.is_main:
             append_jsonl(
                 trainer.run_dir / SAMPLES_FILE,

@@ -301,12 +301,11 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
 
-    def log_metrics(self, records: list[dict[str, Any]], prefix: str) -> None:
-        """Lines from outside the loop's own (the monitors'): metrics.jsonl and TensorBoard
+    def log_metrics(self, record: dict[str, Any], prefix: str) -> None:
+        """A line from outside the loop's own (a monitor's): metrics.jsonl and TensorBoard
         under `prefix/`, on rank 0, while `fit` runs."""
         if self.metrics is not None:
-            for record in records:
-                self.metrics.log(record, prefix=prefix)
+            self.metrics.log(record, prefix=prefix)
 
     def _fit(self, metrics: MetricsLogger | None) -> None:
         config, env = self.config, self.env

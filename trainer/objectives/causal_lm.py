@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from data_pipeline.batch import Batch
-from model.lora import trained_flops_per_token
+from model.lora import TrainedFlops
 from model.transformer import Transformer
 from trainer.losses.cross_entropy import chunked_cross_entropy_sum, cross_entropy_sum
 from trainer.objectives.base import Metric, Objective, StepOutput
@@ -32,6 +32,7 @@ class CausalLMObjective(Objective):
 
     def __init__(self, seq_len: int, chunk_tokens: int = 0) -> None:
         self.seq_len = seq_len
+        self.flops_per_token = TrainedFlops(seq_len)
         # > 0: the loss comes from hidden states chunk by chunk, never the full logits.
         self.chunk_tokens = chunk_tokens
 
@@ -64,7 +65,7 @@ class CausalLMObjective(Objective):
             metrics["moe_tokens_per_expert"] = Metric(transformer.moe_tokens_per_expert(), "last")
         tokens = batch.num_tokens
         # Forward + backward of the trained model (6N + attention per token; LoRA: 4N + 6A).
-        flops = trained_flops_per_token(transformer, transformer.config, self.seq_len) * tokens
+        flops = self.flops_per_token(transformer, transformer.config) * tokens
         return StepOutput(loss=loss, metrics=metrics, tokens=tokens, flops=flops)
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 from model.flops import flops_per_token
-from model.lora import trained_flops_per_token
+from model.lora import TrainedFlops
 from model.transformer import Transformer
 from trainer.checkpointing.checkpoint import CheckpointError
 from trainer.losses.cross_entropy import (
@@ -109,6 +109,7 @@ class DistillObjective(Objective):
             self.teacher_module.requires_grad_(False).eval()
         self.teacher_head = teacher_head
         self.seq_len = seq_len
+        self.student_flops_per_token = TrainedFlops(seq_len)
         # Recorded in checkpoints: a resumed run must distill from the same weights.
         if teacher_sha256 is None and teacher is not self.teacher_module:
             raise ValueError("a sharded teacher's teacher_sha256 must be taken before sharding")
@@ -199,7 +200,7 @@ class DistillObjective(Objective):
             metrics["aux_loss"] = Metric(aux_loss.item(), "mean")
         tokens = batch.num_tokens
         flops = (
-            trained_flops_per_token(transformer, transformer.config, self.seq_len)
+            self.student_flops_per_token(transformer, transformer.config)
             + self.teacher_flops_per_token
         ) * tokens
         return StepOutput(loss=loss, metrics=metrics, tokens=tokens, flops=flops)

@@ -16,7 +16,7 @@ from torch import nn
 
 from data_pipeline.batch import IGNORE_INDEX, Batch
 from model.flops import flops_per_token
-from model.lora import adapters_disabled, trained_flops_per_token
+from model.lora import TrainedFlops, adapters_disabled
 from model.transformer import Transformer
 from trainer.checkpointing.checkpoint import CheckpointError
 from trainer.losses.preference import bradley_terry_losses, dpo_losses, sequence_logps
@@ -76,6 +76,7 @@ class DPOObjective(Objective):
         self.config = config
         self.reference = reference
         self.seq_len = seq_len
+        self.policy_flops_per_token = TrainedFlops(seq_len)
         # LoRA: the reference is the policy with its adapters switched off (no second copy).
         self.adapters_off_reference = adapters_off_reference
         # The reference's weights (checkpointed: a resume against another reference is refused).
@@ -172,7 +173,7 @@ class DPOObjective(Objective):
         tokens = batch.num_tokens
         flops = 0.0
         if transformer is not None and self.seq_len:
-            per_token = trained_flops_per_token(transformer, transformer.config, self.seq_len)
+            per_token = self.policy_flops_per_token(transformer, transformer.config)
             if live:  # the reference's forward: a third of full training
                 per_token += flops_per_token(transformer.config, self.seq_len) / 3
             flops = per_token * tokens
@@ -209,6 +210,8 @@ class RewardObjective(Objective):
     def __init__(self, config: RMConfig, seq_len: int = 0) -> None:
         self.config = config
         self.seq_len = seq_len  # prices the FLOPs (0: none counted)
+        # The backbone without its vocabulary head (the score head is one row).
+        self.backbone_flops_per_token = TrainedFlops(seq_len, output_head=False)
 
     def count_units(self, batch: Batch) -> int:
         return batch.num_pairs
@@ -230,10 +233,7 @@ class RewardObjective(Objective):
         flops = 0.0
         backbone = getattr(getattr(model, "module", model), "backbone", None)
         if isinstance(backbone, Transformer) and self.seq_len:
-            # The backbone without its vocabulary head (the score head is one row).
-            flops = tokens * trained_flops_per_token(
-                backbone, backbone.config, self.seq_len, output_head=False
-            )
+            flops = tokens * self.backbone_flops_per_token(backbone, backbone.config)
         return StepOutput(
             loss=values["loss"].sum() / global_units, metrics=metrics, tokens=tokens, flops=flops
         )
